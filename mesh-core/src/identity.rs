@@ -96,6 +96,10 @@ impl SpiffeId {
     /// of a service account. Each part must be a valid path segment.
     pub fn istio(trust_domain: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, Error> {
         let uri = format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}");
+        // A '/' inside a part would still make a valid SPIFFE ID, but a different identity than asked for.
+        if namespace.contains('/') || service_account.contains('/') {
+            return Err(Error::invalid_spiffe_id(&uri, IdentityErrorKind::Character('/')));
+        }
         SpiffeId::parse(&uri)
     }
 
@@ -142,7 +146,13 @@ impl SpiffeId {
 
     fn istio_parts(&self) -> Option<(&str, &str)> {
         let mut segments = self.path().strip_prefix('/')?.split('/');
-        match (segments.next(), segments.next(), segments.next(), segments.next(), segments.next()) {
+        match (
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+            segments.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }
@@ -350,14 +360,19 @@ mod tests {
 
     #[test]
     fn rejects_over_long_ids() {
-        let longest = format!("spiffe://td/{}", "a".repeat(MAX_SPIFFE_ID_LEN - "spiffe://td/".len()));
+        let longest = format!(
+            "spiffe://td/{}",
+            "a".repeat(MAX_SPIFFE_ID_LEN - "spiffe://td/".len())
+        );
         assert_eq!(longest.len(), MAX_SPIFFE_ID_LEN);
         assert!(SpiffeId::parse(&longest).is_ok());
         let too_long = format!("{longest}a");
         assert!(matches!(
             SpiffeId::parse(&too_long),
             Err(Error::InvalidSpiffeId {
-                reason: IdentityErrorKind::TooLong { limit: MAX_SPIFFE_ID_LEN },
+                reason: IdentityErrorKind::TooLong {
+                    limit: MAX_SPIFFE_ID_LEN
+                },
                 ..
             })
         ));
@@ -371,7 +386,10 @@ mod tests {
     #[test]
     fn istio_constructor_validates_parts() {
         let td = TrustDomain::default();
-        assert!(SpiffeId::istio(&td, "a/b", "sa").is_err(), "a slash would inject a segment");
+        assert!(
+            SpiffeId::istio(&td, "a/b", "sa").is_err(),
+            "a slash would inject a segment"
+        );
         assert!(SpiffeId::istio(&td, "", "sa").is_err());
         assert!(SpiffeId::istio(&td, "ns", "..").is_err());
     }

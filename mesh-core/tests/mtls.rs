@@ -1,5 +1,7 @@
 //! Real SPIFFE mutual-TLS handshakes over loopback TCP: the accepted case and each way a peer is refused.
 
+#![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
+
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -51,7 +53,10 @@ type RawCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// A client that presents an arbitrary (possibly invalid) certificate but verifies the server properly.
 fn raw_client(trust: &Pki, expected: SpiffeId, presented: Option<RawCert>) -> Arc<ClientConfig> {
-    let verifier = Arc::new(ServerCertVerifier::new(trust.watch("trust", "anchor"), vec![expected]));
+    let verifier = Arc::new(ServerCertVerifier::new(
+        trust.watch("trust", "anchor"),
+        vec![expected],
+    ));
     let builder = ClientConfig::builder_with_provider(tls::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -101,14 +106,17 @@ async fn handshake(client: Arc<ClientConfig>, server: Arc<ServerConfig>) -> Outc
     };
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
-        let mut stream = TlsConnector::from(client).connect(tls::server_name(), tcp).await?;
+        let mut stream = TlsConnector::from(client)
+            .connect(tls::server_name(), tcp)
+            .await?;
         let mut byte = [0u8; 1];
         stream.read_exact(&mut byte).await?;
         Ok(stream)
     };
-    let (server, client) = tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(accept, connect) })
-        .await
-        .expect("a handshake must finish or fail, never hang");
+    let (server, client) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(accept, connect) })
+            .await
+            .expect("a handshake must finish or fail, never hang");
     Outcome { client, server }
 }
 
@@ -120,20 +128,31 @@ fn rustls_error(err: &std::io::Error) -> &rustls::Error {
 
 fn mesh_error(err: &std::io::Error) -> &Error {
     let rustls_err = rustls_error(err);
-    identity_error(rustls_err).unwrap_or_else(|| panic!("expected a meshkit identity error, got {rustls_err:?}"))
+    identity_error(rustls_err)
+        .unwrap_or_else(|| panic!("expected a meshkit identity error, got {rustls_err:?}"))
 }
 
 #[tokio::test]
 async fn both_sides_see_each_others_identity() {
     let pki = Pki::new("cluster.local");
-    let client_cfg = tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
+    let client_cfg =
+        tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
     let out = handshake(client_cfg, pki.server_config("default", "server")).await;
     let client = out.client.unwrap();
     let server = out.server.unwrap();
-    assert_eq!(tls::peer_identity(client.get_ref().1).unwrap(), pki.id("default", "server"));
-    assert_eq!(tls::peer_identity(server.get_ref().1).unwrap(), pki.id("default", "client"));
+    assert_eq!(
+        tls::peer_identity(client.get_ref().1).unwrap(),
+        pki.id("default", "server")
+    );
+    assert_eq!(
+        tls::peer_identity(server.get_ref().1).unwrap(),
+        pki.id("default", "client")
+    );
     // The wire contract: TLS 1.3, ALPN h2, and no SNI on the wire.
-    assert_eq!(client.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+    assert_eq!(
+        client.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
     assert_eq!(client.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     assert_eq!(server.get_ref().1.server_name(), None);
     let suite = client.get_ref().1.negotiated_cipher_suite().unwrap().suite();
@@ -152,7 +171,11 @@ async fn any_of_several_expected_identities_is_accepted() {
 #[tokio::test]
 async fn client_refuses_unexpected_server_identity() {
     let pki = Pki::new("cluster.local");
-    let client_cfg = tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "payments")]).unwrap();
+    let client_cfg = tls::client_config(
+        pki.watch("default", "client"),
+        vec![pki.id("default", "payments")],
+    )
+    .unwrap();
     let out = handshake(client_cfg, pki.server_config("default", "server")).await;
     match mesh_error(out.client.as_ref().unwrap_err()) {
         Error::UnexpectedIdentity { peer, expected } => {
@@ -194,7 +217,10 @@ async fn server_refuses_expired_client_certificate() {
     let out = handshake(client_cfg, pki.server_config("default", "server")).await;
     let err = rustls_error(out.server.as_ref().unwrap_err());
     assert!(
-        matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })),
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
+        ),
         "{err:?}"
     );
     assert!(out.client.is_err());
@@ -204,12 +230,20 @@ async fn server_refuses_expired_client_certificate() {
 async fn client_refuses_expired_server_certificate() {
     let pki = Pki::new("cluster.local");
     let now = SystemTime::now();
-    let expired = pki.raw(&["spiffe://cluster.local/ns/default/sa/server"], now - 2 * HOUR, now - HOUR);
-    let client_cfg = tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
+    let expired = pki.raw(
+        &["spiffe://cluster.local/ns/default/sa/server"],
+        now - 2 * HOUR,
+        now - HOUR,
+    );
+    let client_cfg =
+        tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
     let out = handshake(client_cfg, raw_server(&pki, expired)).await;
     let err = rustls_error(out.client.as_ref().unwrap_err());
     assert!(
-        matches!(err, rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })),
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
+        ),
         "{err:?}"
     );
 }
@@ -218,8 +252,11 @@ async fn client_refuses_expired_server_certificate() {
 async fn server_refuses_client_certificate_from_another_root() {
     let pki = Pki::new("cluster.local");
     let impostor_ca = Pki::new("cluster.local");
-    let client_cfg = tls::client_config(impostor_ca.watch("default", "client"), vec![pki.id("default", "server")])
-        .unwrap();
+    let client_cfg = tls::client_config(
+        impostor_ca.watch("default", "client"),
+        vec![pki.id("default", "server")],
+    )
+    .unwrap();
     let out = handshake(client_cfg, pki.server_config("default", "server")).await;
     // Both dev roots carry the same subject name, like an impostor root copying ours: path building finds
     // "our" issuer by name and the signature check fails (BadSignature) instead of UnknownIssuer. Either is
@@ -227,7 +264,9 @@ async fn server_refuses_client_certificate_from_another_root() {
     let not_our_root = |e: &rustls::Error| {
         matches!(
             e,
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature)
+            rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer | CertificateError::BadSignature
+            )
         )
     };
     // The impostor's client also does not trust our server's root, so both sides refuse.
@@ -306,7 +345,8 @@ async fn client_refuses_server_with_several_uri_sans() {
         "spiffe://cluster.local/ns/default/sa/server",
         "spiffe://cluster.local/ns/default/sa/other",
     ]);
-    let client_cfg = tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
+    let client_cfg =
+        tls::client_config(pki.watch("default", "client"), vec![pki.id("default", "server")]).unwrap();
     let out = handshake(client_cfg, raw_server(&pki, two)).await;
     match mesh_error(out.client.as_ref().unwrap_err()) {
         Error::NotSvid {

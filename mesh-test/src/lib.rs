@@ -109,7 +109,9 @@ pub async fn tls_pair(
     };
     let connect = async {
         let tcp = TcpStream::connect(addr).await?;
-        TlsConnector::from(client_config).connect(tls::server_name(), tcp).await
+        TlsConnector::from(client_config)
+            .connect(tls::server_name(), tcp)
+            .await
     };
     let (server, client) = tokio::join!(accept, connect);
     Ok(TlsPair {

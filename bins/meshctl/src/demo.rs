@@ -38,7 +38,11 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let client_cert = provider.fetch(&client_id).await?;
     let server_cert = provider.fetch(&server_id).await?;
     for cert in [&client_cert, &server_cert] {
-        println!("cert     {} valid for {}", cert.identity(), describe_life(&cert.current()));
+        println!(
+            "cert     {} valid for {}",
+            cert.identity(),
+            describe_life(&cert.current())
+        );
     }
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -73,7 +77,9 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
 
     let intruder = SpiffeId::istio(&td, "default", "not-the-server")?;
     match connect(&client_cert, &intruder, addr).await {
-        Ok(_) => return Err("a client expecting another identity was accepted: verification is broken".into()),
+        Ok(_) => {
+            return Err("a client expecting another identity was accepted: verification is broken".into());
+        }
         Err(e) => println!("refused  client expecting {intruder} refused the server: {e}"),
     }
     println!(
@@ -90,14 +96,21 @@ struct DemoConnection {
 
 impl DemoConnection {
     async fn round_trip(&mut self, line: &str) -> DemoResult<String> {
-        self.stream.get_mut().write_all(format!("{line}\n").as_bytes()).await?;
+        self.stream
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .await?;
         let mut reply = String::new();
         self.stream.read_line(&mut reply).await?;
         Ok(reply.trim_end().to_owned())
     }
 }
 
-async fn connect(cert: &CertWatch, expected: &SpiffeId, addr: std::net::SocketAddr) -> DemoResult<DemoConnection> {
+async fn connect(
+    cert: &CertWatch,
+    expected: &SpiffeId,
+    addr: std::net::SocketAddr,
+) -> DemoResult<DemoConnection> {
     let connector = TlsConnector::from(tls::client_config(cert.clone(), vec![expected.clone()])?);
     let started = Instant::now();
     let tcp = TcpStream::connect(addr).await?;
@@ -120,7 +133,9 @@ async fn connect(cert: &CertWatch, expected: &SpiffeId, addr: std::net::SocketAd
 /// Accepts connections and echoes each line back, prefixed with the client's proven identity.
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor) {
     loop {
-        let Ok((tcp, _)) = listener.accept().await else { return };
+        let Ok((tcp, _)) = listener.accept().await else {
+            return;
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let stream = match acceptor.accept(tcp).await {
@@ -141,7 +156,11 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor) {
             let mut lines = BufReader::new(stream);
             let mut line = String::new();
             while matches!(lines.read_line(&mut line).await, Ok(n) if n > 0) {
-                let reply = format!("pong from server to {} ({})\n", peer.service_account().unwrap_or("?"), line.trim_end());
+                let reply = format!(
+                    "pong from server to {} ({})\n",
+                    peer.service_account().unwrap_or("?"),
+                    line.trim_end()
+                );
                 if lines.get_mut().write_all(reply.as_bytes()).await.is_err() {
                     return;
                 }

@@ -54,7 +54,10 @@ enum Entry {
     /// The first certificate is being fetched; every caller awaits this one shared fetch.
     Pending(PendingFetch),
     /// A certificate is in hand and a task keeps it fresh.
-    Ready { watch: CertWatch, _refresher: AbortOnDrop },
+    Ready {
+        watch: CertWatch,
+        _refresher: AbortOnDrop,
+    },
 }
 
 /// Aborts the refresh task when its entry is forgotten or the provider is dropped.
@@ -151,7 +154,9 @@ impl Inner {
     fn lock_entries(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Entry>> {
         // A panic while holding this lock cannot leave the map half-updated (every update is one insert or
         // remove), so a poisoned lock is still consistent.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Generates a fresh key and CSR for `identity`, has the signer sign it, and checks the result.
@@ -262,7 +267,8 @@ async fn refresh_loop(inner: Weak<Inner>, identity: SpiffeId, tx: watch::Sender<
                 }
                 Err(error) => {
                     let config = &strong.config;
-                    let wait = backoff.map_or(config.retry_initial, |b: Duration| (b * 2).min(config.retry_max));
+                    let wait =
+                        backoff.map_or(config.retry_initial, |b: Duration| (b * 2).min(config.retry_max));
                     backoff = Some(wait);
                     tracing::warn!(%identity, %error, retry_in = ?wait, "renewing a workload certificate failed; still serving the current one");
                     drop(strong);

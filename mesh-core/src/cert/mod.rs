@@ -72,12 +72,13 @@ impl WorkloadCert {
                     .map_err(|e| Error::malformed("root certificate", e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let certified_key = CertifiedKey::from_der(chain, key, &crate::tls::crypto_provider()).map_err(
-            |e| Error::SignedCertMismatch {
-                identity: identity.clone(),
-                reason: format!("private key does not fit the certificate: {e}"),
-            },
-        )?;
+        let certified_key =
+            CertifiedKey::from_der(chain, key, &crate::tls::crypto_provider()).map_err(|e| {
+                Error::SignedCertMismatch {
+                    identity: identity.clone(),
+                    reason: format!("private key does not fit the certificate: {e}"),
+                }
+            })?;
         Ok(WorkloadCert {
             identity: info.identity,
             certified_key: Arc::new(certified_key),

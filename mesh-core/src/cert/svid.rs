@@ -29,7 +29,10 @@ pub fn svid_identity(leaf: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
 pub(crate) fn parse_svid(leaf: &CertificateDer<'_>) -> Result<SvidInfo, Error> {
     let (rest, cert) = X509Certificate::from_der(leaf).map_err(|e| Error::malformed("certificate", e))?;
     if !rest.is_empty() {
-        return Err(Error::malformed("certificate", "trailing data after the certificate"));
+        return Err(Error::malformed(
+            "certificate",
+            "trailing data after the certificate",
+        ));
     }
     let san = cert
         .subject_alternative_name()

@@ -43,7 +43,10 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
         .get_or_init(|| {
             use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
             Arc::new(CryptoProvider {
-                cipher_suites: vec![cipher_suite::TLS13_AES_256_GCM_SHA384, cipher_suite::TLS13_AES_128_GCM_SHA256],
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                ],
                 ..default_provider()
             })
         })
@@ -59,7 +62,10 @@ pub fn server_name() -> ServerName<'static> {
 /// A mutual-TLS server configuration presenting `cert`'s current certificate and accepting clients whose
 /// certificate chains to its trust bundle and names an identity in one of `accepted_trust_domains`
 /// (usually just the local trust domain, as Istio's ztunnel requires).
-pub fn server_config(cert: CertWatch, accepted_trust_domains: Vec<TrustDomain>) -> Result<Arc<ServerConfig>, Error> {
+pub fn server_config(
+    cert: CertWatch,
+    accepted_trust_domains: Vec<TrustDomain>,
+) -> Result<Arc<ServerConfig>, Error> {
     let verifier = Arc::new(ClientCertVerifier::new(cert.clone(), accepted_trust_domains));
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -104,7 +110,9 @@ pub fn peer_identity(connection: &CommonState) -> Result<SpiffeId, Error> {
 /// foreign trust domain, not an SVID).
 pub fn identity_error(error: &rustls::Error) -> Option<&Error> {
     match error {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => other.0.downcast_ref::<Error>(),
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            other.0.downcast_ref::<Error>()
+        }
         _ => None,
     }
 }
@@ -120,7 +128,11 @@ impl ResolvesServerCert for WatchResolver {
 }
 
 impl ResolvesClientCert for WatchResolver {
-    fn resolve(&self, _root_hint_subjects: &[&[u8]], _sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
         Some(self.0.current().certified_key().clone())
     }
 

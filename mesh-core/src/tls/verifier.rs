@@ -43,7 +43,14 @@ impl rustls::client::danger::ServerCertVerifier for ServerCertVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        verify_chain(&self.cert, &self.algorithms, end_entity, intermediates, now, KeyUsage::server_auth())?;
+        verify_chain(
+            &self.cert,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::server_auth(),
+        )?;
         let peer = parse_svid(end_entity).map_err(identity_rejected)?.identity;
         if !self.expected.contains(&peer) {
             return Err(identity_rejected(Error::UnexpectedIdentity {
@@ -61,7 +68,9 @@ impl rustls::client::danger::ServerCertVerifier for ServerCertVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // The configurations built in this module only enable TLS 1.3.
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -111,7 +120,14 @@ impl rustls::server::danger::ClientCertVerifier for ClientCertVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_chain(&self.cert, &self.algorithms, end_entity, intermediates, now, KeyUsage::client_auth())?;
+        verify_chain(
+            &self.cert,
+            &self.algorithms,
+            end_entity,
+            intermediates,
+            now,
+            KeyUsage::client_auth(),
+        )?;
         let peer = parse_svid(end_entity).map_err(identity_rejected)?.identity;
         if !self.accepted.iter().any(|td| peer.is_member_of(td)) {
             return Err(identity_rejected(Error::UntrustedDomain {
@@ -132,7 +148,9 @@ impl rustls::server::danger::ClientCertVerifier for ClientCertVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
     }
 
     fn verify_tls13_signature(
@@ -177,7 +195,9 @@ fn verify_chain(
 /// precise TLS alert (certificate_expired, unknown_ca, ...); anything else is carried as our error.
 fn chain_rejected(error: webpki::Error) -> rustls::Error {
     let certificate_error = match error {
-        webpki::Error::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
+        webpki::Error::CertExpired { time, not_after } => {
+            CertificateError::ExpiredContext { time, not_after }
+        }
         webpki::Error::CertNotValidYet { time, not_before } => {
             CertificateError::NotValidYetContext { time, not_before }
         }
