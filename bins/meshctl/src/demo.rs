@@ -80,7 +80,10 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
         Ok(_) => {
             return Err("a client expecting another identity was accepted: verification is broken".into());
         }
-        Err(e) => println!("refused  client expecting {intruder} refused the server: {e}"),
+        Err(e) => println!(
+            "refused  client expecting {intruder} refused the server: {}",
+            explain(&*e)
+        ),
     }
     println!(
         "done     {pings} round trips on one connection across {rotations} certificate rotation(s); \
@@ -167,6 +170,19 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor) {
                 line.clear();
             }
         });
+    }
+}
+
+/// Our typed identity error when a handshake failed on one, otherwise the error as it is.
+fn explain(error: &(dyn std::error::Error + 'static)) -> String {
+    let identity = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(tls::identity_error);
+    match identity {
+        Some(mesh_error) => mesh_error.to_string(),
+        None => error.to_string(),
     }
 }
 
