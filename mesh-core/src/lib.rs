@@ -14,6 +14,7 @@
 //! - `ca` (feature `dev-ca`): `DevCa`, a development certificate authority that signs SPIFFE CSRs.
 //! - [`model`]: [`Workload`](model::Workload), [`Service`](model::Service), [`MeshSnapshot`](model::MeshSnapshot)
 //!   and its publisher.
+//! - [`drain`]: graceful shutdown, a trigger that waits for every watcher to finish.
 //! - [`Error`]: the crate's one error type.
 //!
 //! ## Example
@@ -33,6 +34,7 @@
 #[cfg(feature = "dev-ca")]
 pub mod ca;
 pub mod cert;
+pub mod drain;
 mod error;
 pub mod identity;
 pub mod model;
