@@ -22,6 +22,7 @@ use futures_util::future::BoxFuture;
 use h2::client::SendRequest;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use mesh_core::{CertProvider, SpiffeId, tls};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -175,6 +176,50 @@ impl HboneConnector {
         self.inner.clone().connect(request).await
     }
 
+    /// Opens a tunnel inside `transport` rather than over a new TCP connection: a mutual-TLS and HTTP/2
+    /// session of its own within the given byte stream, and one CONNECT on it. This is double HBONE when
+    /// `transport` is itself an [`HboneStream`] to an east-west gateway (see
+    /// [`HboneConnector::connect_double`]). Not pooled: the session ends with the returned stream.
+    /// `request.destination` only labels errors here.
+    pub async fn connect_over<IO>(
+        &self,
+        transport: IO,
+        request: ConnectRequest,
+    ) -> Result<HboneStream, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let http_request = request.to_http()?;
+        let timeout = self.inner.config.connect_timeout;
+        let conn = tokio::time::timeout(timeout, self.inner.handshake(transport, &request))
+            .await
+            .map_err(|_| HboneError::Timeout {
+                step: "inner HBONE handshake",
+                after: timeout,
+            })??;
+        let guard = conn.try_acquire().ok_or_else(|| {
+            HboneError::InvalidRequest("a new connection has no stream capacity".to_owned())
+        })?;
+        // `conn` (holding the only SendRequest) is dropped on return, so the HTTP/2 session closes once the
+        // stream is done.
+        open_stream(&conn, http_request, guard)
+            .await
+            .map_err(StreamError::into_inner)
+    }
+
+    /// Double HBONE, as ztunnel does it across networks: an outer tunnel to the east-west gateway
+    /// (`outer`, whose authority is normally the service `hostname:port`), and inside it an end-to-end
+    /// tunnel to the destination (`inner`, with its own mutual TLS; add `x-forwarded-network` to its
+    /// headers). The gateway sees only the inner TLS bytes.
+    pub async fn connect_double(
+        &self,
+        outer: ConnectRequest,
+        inner: ConnectRequest,
+    ) -> Result<HboneStream, HboneError> {
+        let outer_stream = self.connect(outer).await?;
+        self.connect_over(outer_stream, inner).await
+    }
+
     /// Current pool counts.
     pub fn stats(&self) -> PoolStats {
         let pool = lock(&self.inner.pool);
@@ -237,7 +282,8 @@ impl Inner {
                     tracing::debug!(error = %e, destination = %request.destination, "pooled connection unusable, retrying");
                     conn.shared.mark_closed();
                 }
-                Err(StreamError::ConnectionUnusable(e) | StreamError::Other(e)) => {
+                Err(error) => {
+                    let e = error.into_inner();
                     if matches!(e, HboneError::H2(_)) {
                         conn.shared.mark_closed();
                     }
@@ -247,35 +293,43 @@ impl Inner {
         }
     }
 
-    /// TCP connect, mutual TLS, HTTP/2 handshake; spawns the task that drives the connection.
+    /// TCP connect, then [`Inner::handshake`], all within the connect timeout.
     async fn establish(&self, request: &ConnectRequest) -> Result<PooledConn, HboneError> {
-        let cert = self.certs.certificate(&request.source).await?;
-        let tls_config = tls::client_config(cert, request.expected_identities.clone())?;
         let addr = request.destination;
         let timeout = self.config.connect_timeout;
-        let handshake = async {
+        let connect = async {
             let tcp = TcpStream::connect(addr)
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);
-            let tls_stream = TlsConnector::from(tls_config)
-                .connect(tls::server_name(), tcp)
-                .await
-                .map_err(|source| HboneError::Tls { addr, source })?;
-            if tls_stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
-                return Err(HboneError::NoH2Alpn { addr });
-            }
-            let peer = tls::peer_identity(tls_stream.get_ref().1)?;
-            let (send, connection) = self.config.client_builder().handshake(tls_stream).await?;
-            Ok((send, connection, peer))
+            self.handshake(tcp, request).await
         };
-        let (send, mut connection, peer) =
-            tokio::time::timeout(timeout, handshake)
-                .await
-                .map_err(|_| HboneError::Timeout {
-                    step: "HBONE connection setup",
-                    after: timeout,
-                })??;
+        tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| HboneError::Timeout {
+                step: "HBONE connection setup",
+                after: timeout,
+            })?
+    }
+
+    /// Mutual TLS and the HTTP/2 handshake over `transport`; spawns the task that drives the connection
+    /// (PING keepalive, idle close).
+    async fn handshake<IO>(&self, transport: IO, request: &ConnectRequest) -> Result<PooledConn, HboneError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let addr = request.destination;
+        let cert = self.certs.certificate(&request.source).await?;
+        let tls_config = tls::client_config(cert, request.expected_identities.clone())?;
+        let tls_stream = TlsConnector::from(tls_config)
+            .connect(tls::server_name(), transport)
+            .await
+            .map_err(|source| HboneError::Tls { addr, source })?;
+        if tls_stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+            return Err(HboneError::NoH2Alpn { addr });
+        }
+        let peer = tls::peer_identity(tls_stream.get_ref().1)?;
+        let (send, mut connection) = self.config.client_builder().handshake(tls_stream).await?;
         self.handshakes.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ConnShared::new());
         let ping = connection.ping_pong();
@@ -310,6 +364,14 @@ enum StreamError {
     /// The connection could not take this stream (closed, GOAWAY, refused): retry elsewhere.
     ConnectionUnusable(HboneError),
     Other(HboneError),
+}
+
+impl StreamError {
+    fn into_inner(self) -> HboneError {
+        match self {
+            StreamError::ConnectionUnusable(e) | StreamError::Other(e) => e,
+        }
+    }
 }
 
 async fn open_stream(
