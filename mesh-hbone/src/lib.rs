@@ -12,6 +12,8 @@
 //! - [`HboneStream`]: the tunnelled bytes, `AsyncRead + AsyncWrite`, with FIN and RST kept distinct.
 //! - [`headers`]: the `baggage`, `forwarded` and `traceparent` codecs.
 //! - [`HboneConfig`]: the wire contract's numbers (windows, frame size, stream limits, PING, pool).
+//! - `testkit` (feature `testkit`): an acceptor over an in-memory pipe, driven frame by frame by a raw
+//!   HTTP/2 client inside real mutual TLS.
 //!
 //! The TLS configurations come from [`mesh_core::tls`], certificates from a [`mesh_core::CertProvider`].
 //!
@@ -69,6 +71,8 @@ pub mod headers;
 mod keepalive;
 mod server;
 mod stream;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use client::{ConnectRequest, HboneConnector, PoolStats};
 pub use config::HboneConfig;
