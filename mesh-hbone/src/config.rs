@@ -36,6 +36,8 @@ pub struct HboneConfig {
     /// Limit for the server to see the client's TLS and HTTP/2 handshakes complete: a silent client cannot
     /// hold a half-open connection longer than this.
     pub handshake_timeout: Duration,
+    /// Connections one acceptor serves at once; further clients wait in the listen backlog until one ends.
+    pub server_max_connections: usize,
 }
 
 impl Default for HboneConfig {
@@ -56,6 +58,9 @@ impl Default for HboneConfig {
             keepalive_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            // Pooling keeps real fan-in low (one connection per source identity and destination), so this
+            // only stops a flood; each connection costs one TLS session and an HTTP/2 state machine.
+            server_max_connections: 16 * 1024,
         }
     }
 }

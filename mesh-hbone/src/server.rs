@@ -213,7 +213,15 @@ where
     /// GOAWAY. Connections are served on their own tasks, holding a clone of `drain` until they end.
     pub async fn serve(self, listener: TcpListener, drain: DrainWatch) -> Result<(), HboneError> {
         let this = Arc::new(self);
+        let slots = Arc::new(tokio::sync::Semaphore::new(this.config.server_max_connections));
         loop {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_closed) => return Ok(()),
+                },
+                () = drain.signaled() => return Ok(()),
+            };
             let (tcp, peer_addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -232,6 +240,7 @@ where
                 if let Err(error) = this.serve_connection(tcp, drain).await {
                     tracing::debug!(%error, %peer_addr, "HBONE connection ended with an error");
                 }
+                drop(permit);
             });
         }
     }

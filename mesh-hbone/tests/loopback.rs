@@ -668,3 +668,29 @@ async fn drain_sends_goaway_and_lets_streams_in_flight_finish() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_acceptor_serves_at_most_its_connection_limit() {
+    let config = HboneConfig {
+        server_max_connections: 1,
+        ..HboneConfig::default()
+    };
+    let server = Server::start_with(TestPki::new(), config, Behaviour::Echo).await;
+    let first = server.connector(HboneConfig::default());
+    let mut held = first.connect(server.request()).await.unwrap();
+    // A second client's connection waits in the listen backlog while the first one is open ...
+    let second = server.connector(HboneConfig::default());
+    let pending = tokio::time::timeout(Duration::from_millis(300), second.connect(server.request())).await;
+    assert!(
+        pending.is_err(),
+        "the second connection must wait for a slot: {pending:?}"
+    );
+    // ... and is served once the first one closes (its connector, and so its pooled connection, is gone).
+    held.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    held.read_to_end(&mut rest).await.unwrap();
+    drop(held);
+    drop(first);
+    let admitted = tokio::time::timeout(Duration::from_secs(5), second.connect(server.request())).await;
+    assert!(matches!(admitted, Ok(Ok(_))), "{admitted:?}");
+}
