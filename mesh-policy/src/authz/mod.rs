@@ -387,12 +387,11 @@ impl fmt::Display for Evaluation {
                 d.policy, d.rule, d.attribute, d.value
             ),
             Reason::NoAllowPolicy => f.write_str("allowed: no ALLOW policy applies"),
+            Reason::NoAllowMatched { policies: 1 } => {
+                f.write_str("denied: 1 ALLOW policy applies and does not match")
+            }
             Reason::NoAllowMatched { policies } => {
-                write!(
-                    f,
-                    "denied: {policies} ALLOW polic{} apply and none matched",
-                    if *policies == 1 { "y" } else { "ies" }
-                )
+                write!(f, "denied: {policies} ALLOW policies apply and none matches")
             }
             Reason::ExternalDenied(check) => write!(
                 f,
