@@ -358,7 +358,7 @@ spec:
     );
     assert!(audited.is_allowed(), "AUDIT never changes the decision");
     assert_eq!(
-        audited.audit.as_ref().map(|a| &*a.policy),
+        audited.audit.as_ref().map(|a| a.policy()),
         Some("foo/audit-profile")
     );
     let not_audited = decide(
@@ -1003,4 +1003,46 @@ spec:
         evaluation.to_string(),
         "allowed: no ALLOW policy applies; dry-run DENY foo/deny-all-trial would match rule 0"
     );
+}
+
+#[test]
+fn index_finds_selector_policies_through_any_label_and_names_a_stable_policy() {
+    // concepts: a root-namespace policy with a selector applies to matching workloads in every namespace.
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: z-deny, namespace: foo}
+spec:
+  selector: {matchLabels: {app: db, tier: data}}
+  action: DENY
+  rules: [{}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a-deny, namespace: istio-system}
+spec:
+  selector: {matchLabels: {tier: data}}
+  action: DENY
+  rules: [{}]
+"#;
+    let both = [("app", "db"), ("tier", "data"), ("version", "v1")];
+    let evaluation = decide(yaml, "foo", &both, At::Ztunnel, &Req::default());
+    // Both match; the explanation names the first by `namespace/name`, whatever the document order.
+    assert!(
+        evaluation.to_string().starts_with("denied by foo/z-deny rule 0"),
+        "{evaluation}"
+    );
+    let mut documents: Vec<&str> = yaml.split("---").collect();
+    documents.reverse();
+    let reversed = documents.join("---\n");
+    let evaluation = decide(&reversed, "foo", &both, At::Ztunnel, &Req::default());
+    assert!(
+        evaluation.to_string().starts_with("denied by foo/z-deny rule 0"),
+        "{evaluation}"
+    );
+    // All of a selector's labels are needed: app=db alone is not enough for z-deny.
+    let only_app = decide(yaml, "foo", &[("app", "db")], At::Ztunnel, &Req::default());
+    assert!(only_app.is_allowed(), "{only_app}");
+    // The root-namespace selector reaches another namespace.
+    assert!(!decide(yaml, "bar", &[("tier", "data")], At::Ztunnel, &Req::default()).is_allowed());
 }

@@ -63,13 +63,25 @@ pub struct Target<'a> {
     pub enforcement: Enforcement<'a>,
 }
 
-/// Compiled AuthorizationPolicies, indexed by namespace. Immutable: build a new set on every change and
-/// publish it (see [`crate::PolicyEngine`]).
+/// Compiled AuthorizationPolicies, indexed so that a decision only looks at the policies that can apply.
+/// Immutable: build a new set on every change and publish it (see [`crate::PolicyEngine`]).
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     root_namespace: Arc<str>,
-    policies: Vec<CompiledPolicy>,
-    by_namespace: HashMap<Arc<str>, Vec<usize>>,
+    policies: Vec<Arc<CompiledPolicy>>,
+    by_namespace: HashMap<Arc<str>, NamespaceIndex>,
+}
+
+/// The policies of one namespace, by how they attach.
+#[derive(Debug, Clone, Default)]
+struct NamespaceIndex {
+    /// No selector, no targetRefs: every workload of the namespace (or of the mesh, in the root namespace).
+    whole_namespace: Vec<usize>,
+    /// With a selector, under its first label (`key` -> `value`): a workload finds them through its own
+    /// labels, and each policy sits in exactly one bucket.
+    by_first_label: HashMap<Box<str>, HashMap<Box<str>, Vec<usize>>>,
+    /// With targetRefs, under (`kind`, `name`) of each target.
+    by_target: HashMap<Box<str>, HashMap<Box<str>, Vec<usize>>>,
 }
 
 impl PolicySet {
@@ -83,15 +95,39 @@ impl PolicySet {
             .into_iter()
             .map(compile::compile)
             .collect::<Result<Vec<_>, _>>()?;
-        // A stable order makes "the first matching policy" (the one explanations name) deterministic.
+        // Indices follow name order, and the lowest matching index is the one explanations name, so the
+        // explanation does not depend on the order policies arrived in.
         compiled.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut by_namespace: HashMap<Arc<str>, Vec<usize>> = HashMap::new();
+        let mut by_namespace: HashMap<Arc<str>, NamespaceIndex> = HashMap::new();
         for (i, policy) in compiled.iter().enumerate() {
-            by_namespace.entry(policy.namespace.clone()).or_default().push(i);
+            let index = by_namespace.entry(policy.namespace.clone()).or_default();
+            if !policy.target_refs.is_empty() {
+                for target in &policy.target_refs {
+                    let names = index.by_target.entry(target.kind.as_str().into()).or_default();
+                    let list = names.entry(target.name.as_str().into()).or_default();
+                    if list.last() != Some(&i) {
+                        list.push(i);
+                    }
+                }
+            } else if let Some((key, value)) = policy
+                .selector
+                .as_ref()
+                .and_then(|s| s.match_labels.iter().next())
+            {
+                index
+                    .by_first_label
+                    .entry(key.as_str().into())
+                    .or_default()
+                    .entry(value.as_str().into())
+                    .or_default()
+                    .push(i);
+            } else {
+                index.whole_namespace.push(i);
+            }
         }
         Ok(PolicySet {
             root_namespace: root_namespace.into(),
-            policies: compiled,
+            policies: compiled.into_iter().map(Arc::new).collect(),
             by_namespace,
         })
     }
@@ -114,63 +150,30 @@ impl PolicySet {
         self.policies.is_empty()
     }
 
-    /// Decides `request` for `target`. Pure: no I/O, and no allocation unless a dry-run policy matches.
+    /// Decides `request` for `target`. Pure: no I/O, and no allocation unless a dry-run policy applies.
     /// A CUSTOM match is returned as [`Evaluation::custom`] for the caller to ask its external authorizer
     /// (see [`Evaluation::with_external`]).
     pub fn evaluate(&self, target: &Target<'_>, request: &Request<'_>) -> Evaluation {
         let mut state = State::default();
-        let root = self
-            .by_namespace
-            .get(&*self.root_namespace)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
+        let root = self.by_namespace.get(&*self.root_namespace);
         let local = if target.namespace == &*self.root_namespace {
-            &[][..]
+            None
         } else {
-            self.by_namespace
-                .get(target.namespace)
-                .map(Vec::as_slice)
-                .unwrap_or_default()
+            self.by_namespace.get(target.namespace)
         };
-        for &i in root.iter().chain(local) {
-            let policy = &self.policies[i];
-            let Some(rules) = self.applicable_rules(policy, target) else {
-                continue;
-            };
-            let matched = rules.iter().find(|rule| rule.matches(request));
-            if policy.dry_run {
-                let rule = matched.map(|r| r.index);
-                state.dry_run.push(DryRunResult {
-                    policy: policy.name.clone(),
-                    action: policy.action,
-                    matched_rule: rule,
-                });
-                continue;
+        for index in root.into_iter().chain(local) {
+            for &i in index.candidates(target) {
+                self.consider(i, target, request, &mut state);
             }
-            match policy.action {
-                Action::Custom => {
-                    if let (Some(rule), None) = (matched, &state.custom) {
-                        state.custom = Some(CustomCheck {
-                            policy: policy.name.clone(),
-                            rule: rule.index,
-                            provider: policy.provider.clone().unwrap_or_else(|| "".into()),
-                        });
-                    }
-                }
-                Action::Deny => {
-                    if let (Some(rule), None) = (matched, &state.deny) {
-                        state.deny = Some(Decided::new(policy, rule));
-                    }
-                }
-                Action::Allow => {
-                    state.allow_policies += 1;
-                    if let (Some(rule), None) = (matched, &state.allow) {
-                        state.allow = Some(Decided::new(policy, rule));
-                    }
-                }
-                Action::Audit => {
-                    if let (Some(rule), None) = (matched, &state.audit) {
-                        state.audit = Some(Decided::new(policy, rule));
+            // Label buckets: each policy is in one bucket only, so none is seen twice.
+            if matches!(target.enforcement, Enforcement::Ztunnel) {
+                for (key, value) in target.labels {
+                    let bucket = index
+                        .by_first_label
+                        .get(key.as_str())
+                        .and_then(|values| values.get(value.as_str()));
+                    for &i in bucket.map(Vec::as_slice).unwrap_or_default() {
+                        self.consider(i, target, request, &mut state);
                     }
                 }
             }
@@ -178,7 +181,49 @@ impl PolicySet {
         state.finish()
     }
 
+    /// Evaluates policy `i` if it applies at `target`, recording what it decides.
+    fn consider(&self, i: usize, target: &Target<'_>, request: &Request<'_>, state: &mut State) {
+        let policy = &self.policies[i];
+        let Some(rules) = self.applicable_rules(policy, target) else {
+            return;
+        };
+        let matched = rules.iter().position(|rule| rule.matches(request));
+        if policy.dry_run {
+            state.dry_run.push(DryRunResult {
+                policy: policy.name.clone(),
+                action: policy.action,
+                matched_rule: matched.map(|pos| rules[pos].index),
+            });
+            return;
+        }
+        let decided = matched.map(|pos| Decided {
+            policy: policy.clone(),
+            order: i,
+            l4: matches!(target.enforcement, Enforcement::Ztunnel),
+            position: pos,
+        });
+        let keep_first = |slot: &mut Option<Decided>, new: Option<Decided>| {
+            if let Some(new) = new
+                && slot.as_ref().is_none_or(|old| new.order < old.order)
+            {
+                *slot = Some(new);
+            }
+        };
+        match policy.action {
+            Action::Custom => keep_first(&mut state.custom, decided),
+            Action::Deny => keep_first(&mut state.deny, decided),
+            Action::Allow => {
+                state.allow_policies += 1;
+                keep_first(&mut state.allow, decided);
+            }
+            Action::Audit => keep_first(&mut state.audit, decided),
+        }
+    }
+}
+
+impl PolicySet {
     /// The rules of `policy` that apply at `target`'s enforcement point, or `None` if it does not apply.
+    /// The index already narrowed the candidates; this is the exact check.
     fn applicable_rules<'p>(
         &self,
         policy: &'p CompiledPolicy,
@@ -213,9 +258,39 @@ impl PolicySet {
     }
 }
 
+impl NamespaceIndex {
+    /// The policies of this namespace that apply regardless of labels: whole-namespace policies at ztunnel,
+    /// targetRef'd policies at a waypoint (narrowed to the waypoint, the Service and the GatewayClass).
+    fn candidates<'s>(&'s self, target: &Target<'_>) -> impl Iterator<Item = &'s usize> + 's {
+        let (whole, gateway, class, service, entry) = match target.enforcement {
+            Enforcement::Ztunnel => (self.whole_namespace.as_slice(), None, None, None, None),
+            Enforcement::Waypoint { gateway, service, .. } => {
+                let lookup = |kind: &str, name: &str| -> Option<&'s [usize]> {
+                    self.by_target.get(kind)?.get(name).map(Vec::as_slice)
+                };
+                (
+                    &[][..],
+                    lookup("Gateway", gateway),
+                    lookup("GatewayClass", "istio-waypoint"),
+                    service.and_then(|(_, name)| lookup("Service", name)),
+                    service.and_then(|(_, name)| lookup("ServiceEntry", name)),
+                )
+            }
+        };
+        let [gateway, class, service, entry] =
+            [gateway, class, service, entry].map(Option::unwrap_or_default);
+        whole
+            .iter()
+            .chain(gateway)
+            .chain(class)
+            .chain(service)
+            .chain(entry)
+    }
+}
+
 #[derive(Default)]
 struct State {
-    custom: Option<CustomCheck>,
+    custom: Option<Decided>,
     deny: Option<Decided>,
     allow: Option<Decided>,
     audit: Option<Decided>,
@@ -242,7 +317,11 @@ impl State {
         Evaluation {
             decision,
             reason,
-            custom: self.custom,
+            custom: self.custom.map(|d| CustomCheck {
+                policy: d.policy.name.clone(),
+                rule: d.rule(),
+                provider: d.policy.provider.clone().unwrap_or_else(|| "".into()),
+            }),
             audit: self.audit,
             dry_run: self.dry_run,
         }
@@ -258,28 +337,63 @@ pub enum Decision {
     Deny,
 }
 
-/// The policy and rule that decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The policy and rule that decided. The explanation is worked out only when asked for, so deciding
+/// allocates nothing.
+#[derive(Debug, Clone)]
 pub struct Decided {
-    /// `namespace/name`.
-    pub policy: Arc<str>,
-    /// The rule's index in the policy as written.
-    pub rule: usize,
-    /// The attribute that matched (`source.namespace`), for the explanation.
-    pub attribute: &'static str,
-    /// The policy's value for it (`ext`).
-    pub value: String,
+    policy: Arc<CompiledPolicy>,
+    /// The policy's place in the set (lowest wins, for a stable explanation).
+    order: usize,
+    /// Whether the L4 form of the rules was evaluated.
+    l4: bool,
+    /// Position in the evaluated rule list.
+    position: usize,
 }
 
 impl Decided {
-    fn new(policy: &CompiledPolicy, rule: &compile::CompiledRule) -> Decided {
-        let (attribute, value) = rule.explain();
-        Decided {
-            policy: policy.name.clone(),
-            rule: rule.index,
-            attribute,
-            value,
-        }
+    fn compiled_rule(&self) -> &compile::CompiledRule {
+        let rules = if self.l4 {
+            self.policy.l4_rules.as_deref().unwrap_or_default()
+        } else {
+            &self.policy.rules
+        };
+        &rules[self.position]
+    }
+
+    /// `namespace/name` of the policy.
+    pub fn policy(&self) -> &str {
+        &self.policy.name
+    }
+
+    /// The rule's index in the policy as written.
+    pub fn rule(&self) -> usize {
+        self.compiled_rule().index
+    }
+
+    /// The attribute that matched (`source.namespace`) and the policy's value for it (`ext`).
+    pub fn explanation(&self) -> (&'static str, String) {
+        self.compiled_rule().explain()
+    }
+}
+
+impl PartialEq for Decided {
+    fn eq(&self, other: &Self) -> bool {
+        self.policy.name == other.policy.name && self.rule() == other.rule()
+    }
+}
+
+impl Eq for Decided {}
+
+impl fmt::Display for Decided {
+    /// `default/deny-ext rule 0: source.namespace ext matched`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (attribute, value) = self.explanation();
+        write!(
+            f,
+            "{} rule {}: {attribute} {value} matched",
+            self.policy(),
+            self.rule()
+        )
     }
 }
 
@@ -376,16 +490,8 @@ impl fmt::Display for Evaluation {
             );
         }
         match &self.reason {
-            Reason::DeniedBy(d) => write!(
-                f,
-                "denied by {} rule {}: {} {} matched",
-                d.policy, d.rule, d.attribute, d.value
-            ),
-            Reason::AllowedBy(d) => write!(
-                f,
-                "allowed by {} rule {}: {} {} matched",
-                d.policy, d.rule, d.attribute, d.value
-            ),
+            Reason::DeniedBy(d) => write!(f, "denied by {d}"),
+            Reason::AllowedBy(d) => write!(f, "allowed by {d}"),
             Reason::NoAllowPolicy => f.write_str("allowed: no ALLOW policy applies"),
             Reason::NoAllowMatched { policies: 1 } => {
                 f.write_str("denied: 1 ALLOW policy applies and does not match")
