@@ -7,6 +7,10 @@
 //! ## Layout
 //! - `benches/identity.rs`: `SpiffeId::parse` on typical and long identities.
 //! - `benches/handshake.rs`: a full mutual-TLS handshake on loopback, against plain TCP connect.
+//! - `benches/hbone.rs`: HBONE on loopback: a stream opened on a pooled connection (against a TCP connect
+//!   and a 1-byte round trip on an open mutual-TLS connection), bulk bytes through one stream (against one
+//!   plain mutual-TLS connection and plain TCP), and a fresh connection to its first echoed byte (against
+//!   a plain mutual-TLS handshake and first byte). Results are in `docs/performance.md`.
 //! - [`SAMPLE_IDS`]: the identities the parse bench uses, shared so tests can check they stay valid.
 //!
 //! ## Example

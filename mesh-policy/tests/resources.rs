@@ -2,7 +2,6 @@
 
 #![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
 
-use mesh_policy::PolicyError;
 use mesh_policy::resource::{Action, MtlsMode, Resource, parse_resources};
 use test_case::test_case;
 
@@ -157,5 +156,32 @@ fn other_invalid_resources() {
     assert_eq!(
         error("apiVersion: v1\nkind: List\nitems: {a: b}\n"),
         "YAML document 0: `items` of a List must be a sequence"
+    );
+}
+
+#[test]
+fn port_level_mtls_keys_may_be_bare_numbers_as_in_istios_examples() {
+    let yaml = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: finance, namespace: foo}
+spec:
+  selector: {matchLabels: {app: finance}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    8080:
+      mode: DISABLE
+    "9090":
+      mode: PERMISSIVE
+"#;
+    let parsed = parse_resources(yaml).unwrap();
+    let peer = parsed.peer_authentications().next().unwrap();
+    assert_eq!(
+        peer.spec.port_level_mtls["8080"].mode().unwrap(),
+        MtlsMode::Disable
+    );
+    assert_eq!(
+        peer.spec.port_level_mtls["9090"].mode().unwrap(),
+        MtlsMode::Permissive
     );
 }

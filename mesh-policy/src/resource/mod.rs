@@ -311,7 +311,7 @@ pub(crate) fn parse_port(text: &str) -> Result<u16, String> {
 }
 
 /// Values Istio accepts as either a YAML number or string (ports).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum NumberOrString {
     Number(i64),

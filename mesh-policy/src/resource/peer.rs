@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::{ObjectMeta, WorkloadSelector, invalid, parse_port};
+use super::{NumberOrString, ObjectMeta, WorkloadSelector, invalid, parse_port};
 use crate::error::PolicyError;
 
 const KIND: &str = "PeerAuthentication";
@@ -31,8 +31,9 @@ pub struct PeerAuthenticationSpec {
     /// The mode for every port.
     #[serde(default)]
     pub mtls: Option<PeerMtls>,
-    /// Per-port overrides, keyed by the workload's (target) port. Only valid with a selector.
-    #[serde(default)]
+    /// Per-port overrides, keyed by the workload's (target) port, written as a number (`8080:`) or a string
+    /// (`"8080":`). Only valid with a selector.
+    #[serde(default, deserialize_with = "port_keys")]
     pub port_level_mtls: BTreeMap<String, PeerMtls>,
 }
 
@@ -70,6 +71,17 @@ impl PeerMtls {
             )),
         }
     }
+}
+
+/// Reads `portLevelMtls` keys as Istio's examples write them (bare numbers) or as strings.
+fn port_keys<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, PeerMtls>, D::Error> {
+    let raw: BTreeMap<NumberOrString, PeerMtls> = Deserialize::deserialize(deserializer)?;
+    Ok(raw
+        .into_iter()
+        .map(|(port, mtls)| (port.as_text(), mtls))
+        .collect())
 }
 
 impl PeerAuthentication {
