@@ -114,7 +114,9 @@ impl Baggage {
                 _ => {
                     let kind = key.strip_prefix("k8s.").and_then(|k| k.strip_suffix(".name"));
                     if let Some(kind) = kind.filter(|k| is_token(k)) {
-                        self.workload_kind = Some(kind.to_owned());
+                        // An empty or undecodable name leaves no workload at all: a kind without a name
+                        // would not survive re-encoding.
+                        self.workload_kind = value.is_some().then(|| kind.to_owned());
                         self.workload_name = value;
                     }
                 }
@@ -451,7 +453,10 @@ mod tests {
 
     #[test]
     fn fuzz_entry_point_accepts_samples() {
+        // The first two were found by fuzzing: a workload key with an empty or undecodable value.
         for input in [
+            "k8s.pod.name=",
+            "k8s.pod.name=%zz",
             "",
             "k8s.pod.name=%41",
             "for=\"[::1]:1\";host=a",
