@@ -18,6 +18,7 @@
 //!   called `Service`, or (in the root namespace) the `istio-waypoint` `GatewayClass`; evaluated in full.
 
 mod compile;
+mod layer;
 mod matcher;
 mod request;
 
@@ -26,6 +27,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub use compile::ConditionKey;
+pub use layer::{Authorize, AuthorizeLayer, ConnectionInfo, WaypointTarget};
 pub use matcher::{PathNormalization, normalize_path};
 pub use request::{AuthInfo, ConnectionAttrs, HttpAttrs, Request};
 
