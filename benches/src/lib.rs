@@ -7,6 +7,8 @@
 //! ## Layout
 //! - `benches/identity.rs`: `SpiffeId::parse` on typical and long identities.
 //! - `benches/handshake.rs`: a full mutual-TLS handshake on loopback, against plain TCP connect.
+//! - `benches/policy.rs`: authorization decisions (L4 and L7) with 10, 1,000 and 10,000 policies, checking
+//!   with a counting allocator that a decision allocates nothing; baseline: a decision against an empty set.
 //! - `benches/hbone.rs`: HBONE on loopback: a stream opened on a pooled connection (against a TCP connect
 //!   and a 1-byte round trip on an open mutual-TLS connection), bulk bytes through one stream (against one
 //!   plain mutual-TLS connection and plain TCP), and a fresh connection to its first echoed byte (against

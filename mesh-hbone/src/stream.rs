@@ -242,7 +242,11 @@ mod tests {
         // Once everything carved from the first region is released, it is reused without allocating.
         drop((first, held));
         let reused = regions.chunk(&large);
-        assert_eq!(reused.as_ptr(), region_base, "the first region's memory is reused");
+        assert_eq!(
+            reused.as_ptr(),
+            region_base,
+            "the first region's memory is reused"
+        );
         assert_eq!(regions.regions.len(), 2);
         drop((overflow, reused));
         // A small write ends the bulk phase: no region is kept.
