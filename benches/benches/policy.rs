@@ -41,7 +41,7 @@ fn policies_yaml(count: usize) -> String {
                 i % 10
             ),
             _ => format!(
-                "  targetRefs: [{{kind: Service, name: svc{}}}]\n  rules:\n  - to: [{{operation: {{methods: [\"GET\"], paths: [\"/api/*\"]}}}}]\n    when: [{{key: request.headers[x-tenant], values: [\"t{}\"]}}]\n",
+                "  targetRefs: [{{kind: Service, name: svc{}}}]\n  rules:\n  - to: [{{operation: {{methods: [\"GET\"], paths: [\"/api/*\"]}}}}]\n    when: [{{key: \"request.headers[x-tenant]\", values: [\"t{}\"]}}]\n",
                 i % 10,
                 i % 10
             ),
