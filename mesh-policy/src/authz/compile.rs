@@ -241,7 +241,7 @@ pub(crate) fn compile(policy: &AuthorizationPolicy) -> Result<CompiledPolicy, cr
         action,
         dry_run: policy.dry_run(),
         provider: policy.spec.provider.as_ref().map(|p| p.name.as_str().into()),
-        selector: policy.spec.selector.clone(),
+        selector: policy.spec.attachment.selector.clone(),
         target_refs: policy.target_refs().cloned().collect(),
         rules,
         l4_rules,

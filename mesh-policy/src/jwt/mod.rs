@@ -178,6 +178,7 @@ pub fn applies(policy: &RequestAuthentication, target: &Target<'_>, root_namespa
             policy.target_refs().next().is_none()
                 && policy
                     .spec
+                    .attachment
                     .selector
                     .as_ref()
                     .is_none_or(|s| s.matches(target.labels))

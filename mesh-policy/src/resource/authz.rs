@@ -2,9 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{
-    NumberOrString, ObjectMeta, TargetRef, WorkloadSelector, invalid, parse_port, validate_targeting,
-};
+use super::{Attachment, NumberOrString, ObjectMeta, TargetRef, invalid, parse_port};
 use crate::error::PolicyError;
 
 const KIND: &str = "AuthorizationPolicy";
@@ -25,15 +23,9 @@ pub struct AuthorizationPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthorizationPolicySpec {
-    /// Workloads (by label) the policy applies to; enforced where those workloads receive traffic.
-    #[serde(default)]
-    pub selector: Option<WorkloadSelector>,
-    /// The deprecated single form of `targetRefs`.
-    #[serde(default)]
-    pub target_ref: Option<TargetRef>,
-    /// What the policy attaches to (a Service, a waypoint Gateway, the istio-waypoint GatewayClass).
-    #[serde(default)]
-    pub target_refs: Vec<TargetRef>,
+    /// `selector` or `targetRefs`.
+    #[serde(flatten)]
+    pub attachment: Attachment,
     /// `ALLOW` (the default), `DENY`, `AUDIT` or `CUSTOM`, as written.
     #[serde(default)]
     pub action: Option<String>,
@@ -235,7 +227,7 @@ impl AuthorizationPolicy {
 
     /// `targetRefs` plus the deprecated `targetRef`.
     pub fn target_refs(&self) -> impl Iterator<Item = &TargetRef> {
-        self.spec.target_ref.iter().chain(self.spec.target_refs.iter())
+        self.spec.attachment.target_refs()
     }
 
     /// Refuses what Istio's validation refuses, naming the field.
@@ -244,8 +236,7 @@ impl AuthorizationPolicy {
         if meta.name.is_empty() {
             return Err(invalid(KIND, meta, "metadata.name", "must not be empty"));
         }
-        let targets: Vec<TargetRef> = self.target_refs().cloned().collect();
-        validate_targeting(KIND, meta, self.spec.selector.as_ref(), &targets)?;
+        self.spec.attachment.validate(KIND, meta)?;
         let action = self.action()?;
         if action == Action::Custom && self.spec.provider.as_ref().is_none_or(|p| p.name.is_empty()) {
             return Err(invalid(

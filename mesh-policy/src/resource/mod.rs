@@ -246,59 +246,78 @@ pub(crate) fn invalid(
     }
 }
 
-/// Istio refuses `selector` together with `targetRef`/`targetRefs`, and cross-namespace targets.
-pub(crate) fn validate_targeting(
-    kind: &'static str,
-    metadata: &ObjectMeta,
-    selector: Option<&WorkloadSelector>,
-    target_refs: &[TargetRef],
-) -> Result<(), PolicyError> {
-    if selector.is_some() && !target_refs.is_empty() {
-        return Err(invalid(
-            kind,
-            metadata,
-            "spec.selector",
-            "only one of selector or targetRefs may be set",
-        ));
+/// Where a policy attaches: a `selector` (workloads by label) or `targetRefs` (and the deprecated single
+/// `targetRef`). AuthorizationPolicy and RequestAuthentication share it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    /// Workloads (by label) the policy applies to; enforced where those workloads receive traffic.
+    #[serde(default)]
+    pub selector: Option<WorkloadSelector>,
+    /// The deprecated single form of `targetRefs`.
+    #[serde(default)]
+    pub target_ref: Option<TargetRef>,
+    /// What the policy attaches to (a Service, a waypoint Gateway, the istio-waypoint GatewayClass).
+    #[serde(default)]
+    pub target_refs: Vec<TargetRef>,
+}
+
+impl Attachment {
+    /// `targetRefs` plus the deprecated `targetRef`.
+    pub fn target_refs(&self) -> impl Iterator<Item = &TargetRef> {
+        self.target_ref.iter().chain(self.target_refs.iter())
     }
-    for (i, target) in target_refs.iter().enumerate() {
-        let field = format!("spec.targetRefs[{i}]");
-        let known = matches!(
-            (target.group.as_str(), target.kind.as_str()),
-            ("" | "core", "Service")
-                | ("networking.istio.io", "ServiceEntry")
-                | ("gateway.networking.k8s.io", "Gateway" | "GatewayClass")
-        );
-        if !known {
+
+    /// Istio refuses `selector` together with `targetRef`/`targetRefs`, unknown target kinds and
+    /// cross-namespace targets.
+    pub(crate) fn validate(&self, kind: &'static str, metadata: &ObjectMeta) -> Result<(), PolicyError> {
+        if self.selector.is_some() && self.target_refs().next().is_some() {
             return Err(invalid(
                 kind,
                 metadata,
-                field,
-                format!("unsupported target {}/{}", target.group, target.kind),
+                "spec.selector",
+                "only one of selector or targetRefs may be set",
             ));
         }
-        if target.name.is_empty() {
-            return Err(invalid(
-                kind,
-                metadata,
-                format!("{field}.name"),
-                "must not be empty",
-            ));
+        for (i, target) in self.target_refs().enumerate() {
+            let field = format!("spec.targetRefs[{i}]");
+            let known = matches!(
+                (target.group.as_str(), target.kind.as_str()),
+                ("" | "core", "Service")
+                    | ("networking.istio.io", "ServiceEntry")
+                    | ("gateway.networking.k8s.io", "Gateway" | "GatewayClass")
+            );
+            if !known {
+                return Err(invalid(
+                    kind,
+                    metadata,
+                    field,
+                    format!("unsupported target {}/{}", target.group, target.kind),
+                ));
+            }
+            if target.name.is_empty() {
+                return Err(invalid(
+                    kind,
+                    metadata,
+                    format!("{field}.name"),
+                    "must not be empty",
+                ));
+            }
+            if target
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| ns != metadata.namespace)
+            {
+                return Err(invalid(
+                    kind,
+                    metadata,
+                    format!("{field}.namespace"),
+                    "cross-namespace targets are not allowed",
+                ));
+            }
         }
-        if target
-            .namespace
-            .as_deref()
-            .is_some_and(|ns| ns != metadata.namespace)
-        {
-            return Err(invalid(
-                kind,
-                metadata,
-                format!("{field}.namespace"),
-                "cross-namespace targets are not allowed",
-            ));
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Parses a port as Istio writes it (a number, or a string holding one) in 1..=65535.

@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use super::{ObjectMeta, TargetRef, WorkloadSelector, invalid, validate_targeting};
+use super::{Attachment, ObjectMeta, TargetRef, invalid};
 use crate::error::PolicyError;
 
 const KIND: &str = "RequestAuthentication";
@@ -23,15 +23,9 @@ pub struct RequestAuthentication {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestAuthenticationSpec {
-    /// Workloads it applies to.
-    #[serde(default)]
-    pub selector: Option<WorkloadSelector>,
-    /// The deprecated single form of `targetRefs`.
-    #[serde(default)]
-    pub target_ref: Option<TargetRef>,
-    /// What it attaches to (waypoint enforcement).
-    #[serde(default)]
-    pub target_refs: Vec<TargetRef>,
+    /// `selector` or `targetRefs`.
+    #[serde(flatten)]
+    pub attachment: Attachment,
     /// The accepted token issuers.
     #[serde(default)]
     pub jwt_rules: Vec<JwtRule>,
@@ -97,7 +91,7 @@ pub struct ClaimToHeader {
 impl RequestAuthentication {
     /// `targetRefs` plus the deprecated `targetRef`.
     pub fn target_refs(&self) -> impl Iterator<Item = &TargetRef> {
-        self.spec.target_ref.iter().chain(self.spec.target_refs.iter())
+        self.spec.attachment.target_refs()
     }
 
     /// Refuses what Istio's validation refuses, naming the field.
@@ -106,8 +100,7 @@ impl RequestAuthentication {
         if meta.name.is_empty() {
             return Err(invalid(KIND, meta, "metadata.name", "must not be empty"));
         }
-        let targets: Vec<TargetRef> = self.target_refs().cloned().collect();
-        validate_targeting(KIND, meta, self.spec.selector.as_ref(), &targets)?;
+        self.spec.attachment.validate(KIND, meta)?;
         for (i, rule) in self.spec.jwt_rules.iter().enumerate() {
             let field = format!("spec.jwtRules[{i}]");
             if rule.issuer.is_empty() {
