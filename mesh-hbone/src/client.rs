@@ -143,8 +143,29 @@ pub struct HboneConnector {
 struct Inner {
     config: HboneConfig,
     certs: Arc<dyn CertProvider>,
-    pool: Mutex<HashMap<PoolKey, Arc<KeySlot>>>,
+    pool: Mutex<Pool>,
     handshakes: AtomicU64,
+}
+
+/// The pool's slots, one per key.
+#[derive(Default)]
+struct Pool {
+    slots: HashMap<PoolKey, Arc<KeySlot>>,
+    /// Size at which unused slots are swept next; sweeping on every connect would cost O(keys) each time.
+    sweep_at: usize,
+}
+
+impl Pool {
+    /// Drops slots with no connection that nobody is using, once the map has doubled since the last sweep:
+    /// amortized O(1) per connect, and the map stays within twice its live size.
+    fn sweep_if_grown(&mut self) {
+        if self.slots.len() < self.sweep_at {
+            return;
+        }
+        self.slots
+            .retain(|_, slot| !slot.is_empty() || Arc::strong_count(slot) > 1);
+        self.sweep_at = (self.slots.len() * 2).max(64);
+    }
 }
 
 /// Connection counts, for metrics and tests.
@@ -165,7 +186,7 @@ impl HboneConnector {
             inner: Arc::new(Inner {
                 config,
                 certs,
-                pool: Mutex::new(HashMap::new()),
+                pool: Mutex::new(Pool::default()),
                 handshakes: AtomicU64::new(0),
             }),
         }
@@ -228,7 +249,7 @@ impl HboneConnector {
             open_connections: 0,
             open_streams: 0,
         };
-        for slot in pool.values() {
+        for slot in pool.slots.values() {
             for conn in lock(&slot.conns).iter().filter(|c| !c.shared.is_closed()) {
                 stats.open_connections += 1;
                 stats.open_streams += conn.shared.active.load(Ordering::Relaxed);
@@ -267,8 +288,8 @@ impl Inner {
         let http_request = request.to_http()?;
         let slot = {
             let mut pool = lock(&self.pool);
-            pool.retain(|_, slot| !slot.is_empty() || Arc::strong_count(slot) > 1);
-            pool.entry(request.pool_key()).or_default().clone()
+            pool.sweep_if_grown();
+            pool.slots.entry(request.pool_key()).or_default().clone()
         };
         // A reused connection can close or receive GOAWAY between checkout and our CONNECT; nothing has been
         // sent on the tunnel yet then, so one retry is safe. A connection opened for this very request gets
@@ -565,4 +586,38 @@ struct Checkout {
 /// A poisoned lock means a panic mid-update of a plain list or map, which leaves it consistent.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u16) -> PoolKey {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        PoolKey {
+            source: id.clone(),
+            expected: vec![id],
+            destination: SocketAddr::from(([127, 0, 0, 1], i)),
+        }
+    }
+
+    #[test]
+    fn unused_slots_are_swept_only_once_the_map_has_grown() {
+        let mut pool = Pool::default();
+        let held = Arc::new(KeySlot::default());
+        pool.slots.insert(key(0), held.clone());
+        for i in 1..70 {
+            pool.slots.insert(key(i), Arc::default());
+        }
+        pool.sweep_if_grown();
+        // The slot someone holds stays; the 69 unused ones go.
+        assert_eq!(pool.slots.len(), 1);
+        assert_eq!(pool.sweep_at, 64);
+        for i in 100..120 {
+            pool.slots.insert(key(i), Arc::default());
+        }
+        pool.sweep_if_grown();
+        assert_eq!(pool.slots.len(), 21, "below the threshold nothing is swept");
+        drop(held);
+    }
 }
