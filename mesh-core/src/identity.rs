@@ -74,11 +74,47 @@ impl fmt::Debug for TrustDomain {
 /// identities have the path `/ns/<namespace>/sa/<service account>`; [`SpiffeId::namespace`] and
 /// [`SpiffeId::service_account`] read those parts, and return `None` for other path shapes (which SPIRE, for
 /// one, may issue).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct SpiffeId {
     uri: Arc<str>,
     /// Byte offset where the path starts (the `/` after the trust domain).
     path_start: u16,
+    /// Byte ranges of the namespace and service account of an Istio-shaped path, found once at parse time
+    /// because authorization reads them on every decision.
+    istio: Option<IstioParts>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IstioParts {
+    namespace: (u16, u16),
+    service_account: (u16, u16),
+}
+
+// Identity is the URI alone; the offsets are derived from it.
+impl PartialEq for SpiffeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.uri == other.uri
+    }
+}
+
+impl Eq for SpiffeId {}
+
+impl std::hash::Hash for SpiffeId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.uri.hash(state);
+    }
+}
+
+impl PartialOrd for SpiffeId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SpiffeId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.uri.cmp(&other.uri)
+    }
 }
 
 impl SpiffeId {
@@ -89,6 +125,7 @@ impl SpiffeId {
         Ok(SpiffeId {
             uri: Arc::from(uri),
             path_start,
+            istio: istio_parts(uri, path_start),
         })
     }
 
@@ -136,27 +173,40 @@ impl SpiffeId {
 
     /// The namespace of an Istio-shaped identity (`/ns/<namespace>/sa/<sa>`).
     pub fn namespace(&self) -> Option<&str> {
-        self.istio_parts().map(|(ns, _)| ns)
+        self.istio.map(|parts| self.slice(parts.namespace))
     }
 
     /// The service account of an Istio-shaped identity (`/ns/<namespace>/sa/<sa>`).
     pub fn service_account(&self) -> Option<&str> {
-        self.istio_parts().map(|(_, sa)| sa)
+        self.istio.map(|parts| self.slice(parts.service_account))
     }
 
-    fn istio_parts(&self) -> Option<(&str, &str)> {
-        let mut segments = self.path().strip_prefix('/')?.split('/');
-        match (
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-            segments.next(),
-        ) {
-            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
-            _ => None,
-        }
+    fn slice(&self, (start, end): (u16, u16)) -> &str {
+        &self.uri[usize::from(start)..usize::from(end)]
     }
+}
+
+/// Finds `/ns/<namespace>/sa/<sa>` in a validated id; `None` for other path shapes.
+fn istio_parts(uri: &str, path_start: u16) -> Option<IstioParts> {
+    let start = usize::from(path_start);
+    let mut segments = uri[start..].strip_prefix('/')?.split('/');
+    let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return None;
+    };
+    // Offsets within a validated id (at most 2048 bytes) fit u16.
+    let ns_start = start + "/ns/".len();
+    let sa_start = ns_start + ns.len() + "/sa/".len();
+    let range = |from: usize, len: usize| Some((u16::try_from(from).ok()?, u16::try_from(from + len).ok()?));
+    Some(IstioParts {
+        namespace: range(ns_start, ns.len())?,
+        service_account: range(sa_start, sa.len())?,
+    })
 }
 
 impl FromStr for SpiffeId {

@@ -65,13 +65,17 @@ pub struct Target<'a> {
     pub enforcement: Enforcement<'a>,
 }
 
+/// The index maps are looked up several times per decision with short string keys: foldhash is several
+/// times faster than SipHash there, and keys come from configuration, not from the peer.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Compiled AuthorizationPolicies, indexed so that a decision only looks at the policies that can apply.
 /// Immutable: build a new set on every change and publish it (see [`crate::PolicyEngine`]).
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     root_namespace: Arc<str>,
     policies: Vec<Arc<CompiledPolicy>>,
-    by_namespace: HashMap<Arc<str>, NamespaceIndex>,
+    by_namespace: FastMap<Arc<str>, NamespaceIndex>,
 }
 
 /// The policies of one namespace, by how they attach.
@@ -81,9 +85,9 @@ struct NamespaceIndex {
     whole_namespace: Vec<usize>,
     /// With a selector, under its first label (`key` -> `value`): a workload finds them through its own
     /// labels, and each policy sits in exactly one bucket.
-    by_first_label: HashMap<Box<str>, HashMap<Box<str>, Vec<usize>>>,
+    by_first_label: FastMap<Box<str>, FastMap<Box<str>, Vec<usize>>>,
     /// With targetRefs, under (`kind`, `name`) of each target.
-    by_target: HashMap<Box<str>, HashMap<Box<str>, Vec<usize>>>,
+    by_target: FastMap<Box<str>, FastMap<Box<str>, Vec<usize>>>,
 }
 
 impl PolicySet {
@@ -100,7 +104,7 @@ impl PolicySet {
         // Indices follow name order, and the lowest matching index is the one explanations name, so the
         // explanation does not depend on the order policies arrived in.
         compiled.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut by_namespace: HashMap<Arc<str>, NamespaceIndex> = HashMap::new();
+        let mut by_namespace: FastMap<Arc<str>, NamespaceIndex> = FastMap::default();
         for (i, policy) in compiled.iter().enumerate() {
             let index = by_namespace.entry(policy.namespace.clone()).or_default();
             if !policy.target_refs.is_empty() {
