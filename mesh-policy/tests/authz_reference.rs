@@ -747,6 +747,17 @@ fn ref_operation_fields() {
         ),
         "encoded letters decoded"
     );
+    // Path templates (ref, Operation.paths): {*} is one segment, {**} the rest.
+    let path = |p: &'static str| Req {
+        path: p,
+        ..Req::default()
+    };
+    assert!(case(r#"{paths: ["/foo/{*}"]}"#, path("/foo/bar")));
+    assert!(!case(r#"{paths: ["/foo/{*}"]}"#, path("/foo/bar/baz")));
+    assert!(case(
+        r#"{paths: ["/foo/{*}/bar/{**}"]}"#,
+        path("/foo/buzz/bar/baz")
+    ));
 }
 
 #[test]

@@ -116,6 +116,7 @@ fn policy(spec: &str) -> String {
 #[test_case("  rules:\n  - when:\n    - key: source.ip\n", "AuthorizationPolicy ns/p: spec.rules[0].when[0]: needs values or notValues" ; "condition without values")]
 #[test_case("  rules:\n  - when:\n    - key: destination.port\n      values: [\"http\"]\n", "AuthorizationPolicy ns/p: spec.rules[0].when[0].values[0]: \"http\" is not a port (1-65535)" ; "condition port")]
 #[test_case("  rules:\n  - from:\n    - source:\n        serviceAccounts: [\"sleep\"]\n", "AuthorizationPolicy ns/p: spec.rules[0].from[0].source.serviceAccounts[0]: \"sleep\" is not <namespace>/<service account>" ; "service account form")]
+#[test_case("  rules:\n  - to:\n    - operation:\n        paths: [\"/{**}/foo/{*}\"]\n", "AuthorizationPolicy ns/p: spec.rules[0].to[0].operation.paths[0]: \"/{**}/foo/{*}\" is not a valid path template: {**} must be the last operator" ; "path template rest not last")]
 #[test_case("  rules:\n  - from: {source: {}}\n", "AuthorizationPolicy ns/p: spec.rules[0].from: invalid type: map, expected a sequence" ; "wrong yaml type names the field")]
 fn invalid_authorization_policies(spec: &str, expected: &str) {
     assert_eq!(error(&policy(spec)), expected);

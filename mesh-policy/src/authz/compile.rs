@@ -20,7 +20,7 @@ use std::sync::Arc;
 use http::HeaderName;
 use ipnet::IpNet;
 
-use super::matcher::{HostMatch, StrMatch};
+use super::matcher::{HostMatch, PathMatch, StrMatch};
 use super::request::Request;
 use crate::resource::{self, Action, AuthorizationPolicy, parse_port};
 
@@ -188,7 +188,7 @@ pub(crate) struct CompiledOperation {
     hosts: Field<HostMatch>,
     ports: Field<u16>,
     methods: Field<Box<str>>,
-    paths: Field<StrMatch>,
+    paths: Field<PathMatch>,
 }
 
 /// A rule: `from` any, `to` any, `when` all.
@@ -250,6 +250,11 @@ pub(crate) fn compile(policy: &AuthorizationPolicy) -> Result<CompiledPolicy, cr
 
 fn strings(list: &[String]) -> Vec<StrMatch> {
     list.iter().map(|s| StrMatch::parse(s)).collect()
+}
+
+fn paths(list: &[String]) -> Vec<PathMatch> {
+    // Validated before compiling: a template that does not parse cannot be here.
+    list.iter().filter_map(|p| PathMatch::parse(p).ok()).collect()
 }
 
 fn ips(list: &[String]) -> Vec<IpNet> {
@@ -316,8 +321,8 @@ fn compile_rule(index: usize, rule: &resource::Rule) -> CompiledRule {
                     none: o.not_methods.iter().map(|m| m.as_str().into()).collect(),
                 },
                 paths: Field {
-                    any: strings(&o.paths),
-                    none: strings(&o.not_paths),
+                    any: paths(&o.paths),
+                    none: paths(&o.not_paths),
                 },
             }
         })

@@ -65,6 +65,116 @@ impl fmt::Display for StrMatch {
     }
 }
 
+/// A `paths` entry: a plain string match, or a path template with `{*}` (exactly one non-empty path
+/// segment) and `{**}` (anything, slashes included), as Istio supports since 1.22 (Envoy URI templates).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PathMatch {
+    Plain(StrMatch),
+    Template(Vec<TemplatePart>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TemplatePart {
+    Literal(Box<str>),
+    /// `{*}`: one whole path segment, at least one character.
+    Segment,
+    /// `{**}`: the rest of the path up to the trailing literal; always the last operator.
+    Rest,
+}
+
+impl PathMatch {
+    /// Parses a pattern; templates must follow Istio's rules (an operator is a whole segment, `{**}` is the
+    /// last operator, no `*`, `{` or `}` elsewhere). The `Err` is the reason, for validation messages.
+    pub(crate) fn parse(pattern: &str) -> Result<PathMatch, String> {
+        if !pattern.contains(['{', '}']) {
+            return Ok(PathMatch::Plain(StrMatch::parse(pattern)));
+        }
+        let invalid = |why: &str| Err(format!("{pattern:?} is not a valid path template: {why}"));
+        if !pattern.starts_with('/') {
+            return invalid("it must start with /");
+        }
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut seen_rest = false;
+        for (i, segment) in pattern.split('/').enumerate() {
+            if i > 0 {
+                literal.push('/');
+            }
+            match segment {
+                "{*}" | "{**}" => {
+                    if seen_rest {
+                        return invalid("{**} must be the last operator");
+                    }
+                    if !literal.is_empty() {
+                        parts.push(TemplatePart::Literal(std::mem::take(&mut literal).into()));
+                    }
+                    seen_rest = segment == "{**}";
+                    parts.push(if seen_rest {
+                        TemplatePart::Rest
+                    } else {
+                        TemplatePart::Segment
+                    });
+                }
+                s if s.contains(['*', '{', '}']) => {
+                    return invalid(
+                        "an operator must be a whole path segment, and * is only allowed inside one",
+                    );
+                }
+                s => literal.push_str(s),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(TemplatePart::Literal(literal.into()));
+        }
+        Ok(PathMatch::Template(parts))
+    }
+
+    /// Linear in the path's length: a `{*}` takes exactly the segment it stands in, and after `{**}` only
+    /// a literal can follow, which must end the path.
+    pub(crate) fn matches(&self, path: &str) -> bool {
+        let parts = match self {
+            PathMatch::Plain(m) => return m.matches(path),
+            PathMatch::Template(parts) => parts,
+        };
+        let mut rest = path;
+        for (i, part) in parts.iter().enumerate() {
+            match part {
+                TemplatePart::Literal(l) => match rest.strip_prefix(&**l) {
+                    Some(after) => rest = after,
+                    None => return false,
+                },
+                TemplatePart::Segment => {
+                    let end = rest.find('/').unwrap_or(rest.len());
+                    if end == 0 {
+                        return false;
+                    }
+                    rest = &rest[end..];
+                }
+                TemplatePart::Rest => {
+                    return match parts.get(i + 1) {
+                        Some(TemplatePart::Literal(tail)) => rest.ends_with(&**tail),
+                        _ => true,
+                    };
+                }
+            }
+        }
+        rest.is_empty()
+    }
+}
+
+impl fmt::Display for PathMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathMatch::Plain(m) => m.fmt(f),
+            PathMatch::Template(parts) => parts.iter().try_for_each(|part| match part {
+                TemplatePart::Literal(l) => f.write_str(l),
+                TemplatePart::Segment => f.write_str("{*}"),
+                TemplatePart::Rest => f.write_str("{**}"),
+            }),
+        }
+    }
+}
+
 /// A host pattern. Matching ignores ASCII case, and a pattern without a port also matches the request host
 /// with any port (`example.com` matches `example.com:8080`), as Istio does since a port in the Host header
 /// could otherwise slip past a DENY rule.
@@ -229,6 +339,39 @@ mod tests {
     #[test_case("[::1]", "[::1]:80", true ; "ipv6 with port")]
     fn host_match(pattern: &str, host: &str, expected: bool) {
         assert_eq!(HostMatch::parse(pattern).matches(host), expected);
+    }
+
+    // istio.io AuthorizationPolicy reference, Operation.paths: the path template examples.
+    #[test_case("/foo/{*}", "/foo/bar", true ; "one segment")]
+    #[test_case("/foo/{*}", "/foo/bar/baz", false ; "one segment does not extend")]
+    #[test_case("/foo/{*}", "/foo/", false ; "one segment is not empty")]
+    #[test_case("/foo/{**}", "/foo/bar/baz", true ; "rest")]
+    #[test_case("/foo/{**}", "/foo/", true ; "rest may be empty")]
+    #[test_case("/foo/{**}", "/foobar", false ; "rest needs the slash")]
+    #[test_case("/foo/{**}/", "/foo/bar/", true ; "rest then trailing slash")]
+    #[test_case("/foo/{**}/", "/foo/bar", false ; "trailing slash required")]
+    #[test_case("/foo/{*}/bar/{**}", "/foo/buzz/bar/", true ; "mixed empty rest")]
+    #[test_case("/foo/{*}/bar/{**}", "/foo/buzz/bar/baz", true ; "mixed")]
+    #[test_case("/foo/{*}/bar/{**}", "/foo/buzz/qux/baz", false ; "mixed literal mismatch")]
+    fn path_templates(template: &str, path: &str, expected: bool) {
+        assert_eq!(PathMatch::parse(template).unwrap().matches(path), expected);
+    }
+
+    #[test_case("/*/baz/{*}" ; "star outside an operator")]
+    #[test_case("/**/baz/{*}" ; "double star outside an operator")]
+    #[test_case("/{**}/foo/{*}" ; "rest not last")]
+    #[test_case("/foo/{*}.txt" ; "operator not a whole segment")]
+    #[test_case("foo/{*}" ; "relative")]
+    fn invalid_path_templates(template: &str) {
+        assert!(PathMatch::parse(template).is_err(), "{template}");
+    }
+
+    #[test]
+    fn templates_match_long_paths_in_linear_time() {
+        let template = PathMatch::parse("/a/{*}/{**}/end").unwrap();
+        let long = format!("/a/x/{}/end", "y/".repeat(100_000));
+        assert!(template.matches(&long));
+        assert!(!template.matches(&long[..long.len() - 1]));
     }
 
     #[test_case("/a/b/../c", PathNormalization::Base, "/a/c" ; "dot dot")]

@@ -29,6 +29,11 @@ use std::sync::Arc;
 pub use compile::ConditionKey;
 pub use layer::{Authorize, AuthorizeLayer, ConnectionInfo, WaypointTarget};
 pub use matcher::{PathNormalization, normalize_path};
+
+/// Checks a `paths` entry: a plain pattern, or a valid path template (`{*}`, `{**}`).
+pub(crate) fn validate_path_pattern(pattern: &str) -> Result<(), String> {
+    matcher::PathMatch::parse(pattern).map(|_| ())
+}
 pub use request::{AuthInfo, ConnectionAttrs, HttpAttrs, Request};
 
 use crate::error::PolicyError;

@@ -287,6 +287,18 @@ impl AuthorizationPolicy {
             }
             for (t, to) in rule.to.iter().enumerate() {
                 let op = &to.operation;
+                for (name, list) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
+                    for (i, path) in list.iter().enumerate() {
+                        crate::authz::validate_path_pattern(path).map_err(|reason| {
+                            invalid(
+                                KIND,
+                                meta,
+                                format!("spec.rules[{r}].to[{t}].operation.{name}[{i}]"),
+                                reason,
+                            )
+                        })?;
+                    }
+                }
                 for (name, list) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
                     for (i, port) in list.iter().enumerate() {
                         parse_port(&port.as_text()).map_err(|reason| {
