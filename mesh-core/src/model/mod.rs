@@ -202,6 +202,17 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
+/// How a workload's pod is networked (Istio's `NetworkMode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum NetworkMode {
+    /// The pod has addresses of its own.
+    #[default]
+    Standard,
+    /// The pod uses its node's network namespace, so its address is the node's and other host-network
+    /// pods on that node share it.
+    HostNetwork,
+}
+
 /// Whether a workload should receive traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum HealthStatus {
@@ -293,6 +304,9 @@ pub struct Workload {
     pub authorization_policies: Vec<Arc<str>>,
     /// How tunneled traffic is delivered to it, if not as a raw stream.
     pub application_tunnel: Option<ApplicationTunnel>,
+    /// Whether it has its own addresses or shares its node's ([`NetworkMode::HostNetwork`] workloads are
+    /// not indexed by address, since several of them share one).
+    pub network_mode: NetworkMode,
 }
 
 impl Workload {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{Endpoint, ModelError, NamespacedHostname, NetworkAddr, Service, Workload};
+use super::{Endpoint, ModelError, NamespacedHostname, NetworkAddr, NetworkMode, Service, Workload};
 
 /// An immutable, indexed view of the mesh: every workload and service, and the endpoints derived from
 /// them. Share it as `Arc<MeshSnapshot>`; get one from [`MeshSnapshot::builder`], and from a
@@ -301,6 +301,11 @@ fn index_workloads(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
             return Err(ModelError::DuplicateUid {
                 uid: workload.uid.clone(),
             });
+        }
+        // Host-network pods share their node's address, so an address does not identify one of them;
+        // like Istio's ztunnel, we find them by uid only.
+        if workload.network_mode == NetworkMode::HostNetwork {
+            continue;
         }
         for &ip in &workload.addresses {
             match snapshot.workload_by_ip.insert(&workload.network, ip, i) {

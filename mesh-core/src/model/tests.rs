@@ -537,3 +537,25 @@ async fn fixed_receiver_never_changes() {
     assert_eq!(rx.current().workload_count(), 2);
     assert!(rx.changed().await.is_none());
 }
+
+#[test]
+fn host_network_workloads_share_an_address_and_are_found_by_uid_only() {
+    // Two host-network pods on one node have the node's IP; a normal pod with that IP would conflict.
+    let node_ip: IpAddr = "172.18.0.2".parse().unwrap();
+    let host_pod = |uid: &str| Workload {
+        addresses: vec![node_ip],
+        network_mode: NetworkMode::HostNetwork,
+        ..Workload::new(uid, uid, "kube-system")
+    };
+    let snapshot = MeshSnapshot::builder()
+        .add_workload(host_pod("node-exporter"))
+        .add_workload(host_pod("kube-proxy"))
+        .build()
+        .unwrap();
+    assert!(snapshot.workload_by_uid("node-exporter").is_some());
+    assert!(snapshot.workload_by_uid("kube-proxy").is_some());
+    assert!(
+        snapshot.workload_by_ip("", node_ip).is_none(),
+        "an address shared by host pods names none of them"
+    );
+}

@@ -8,7 +8,7 @@
 //! resource instead, naming the field. From model to proto, nothing can fail.
 //!
 //! What the model has no place for is dropped on the way in, and written as its default on the way out:
-//! a workload's `native_tunnel`, `network_mode`, `extensions` and `capacity`, and a service's
+//! a workload's `native_tunnel`, `extensions` and `capacity`, and a service's
 //! `ip_families` and `extensions`. `LEGACY_ISTIO_MTLS` (a sidecar workload) becomes
 //! [`TunnelProtocol::None`](mesh_core::model::TunnelProtocol::None): like Istio's ztunnel, meshkit does
 //! not originate sidecar mutual TLS, and sends such a workload plain TCP.

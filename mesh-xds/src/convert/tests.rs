@@ -163,6 +163,12 @@ fn lenient_where_istio_is() {
     .unwrap();
     assert_eq!(workload.protocol, TunnelProtocol::None);
     assert_eq!(&*workload.workload_type, "deployment");
+    assert_eq!(workload.network_mode, mesh_core::model::NetworkMode::HostNetwork);
+    assert_eq!(
+        workload_to_proto(&workload).network_mode(),
+        pb::NetworkMode::HostNetwork,
+        "the network mode survives the round trip"
+    );
 
     let service = service_from_proto(&pb::Service {
         ports: vec![pb::Port {

@@ -111,6 +111,10 @@ fn convert(w: &pb::Workload) -> Result<model::Workload, Invalid> {
             .as_ref()
             .map(application_tunnel)
             .transpose()?,
+        network_mode: match w.network_mode() {
+            pb::NetworkMode::HostNetwork => model::NetworkMode::HostNetwork,
+            pb::NetworkMode::Standard => model::NetworkMode::Standard,
+        },
     })
 }
 
@@ -236,7 +240,11 @@ pub fn workload_to_proto(w: &model::Workload) -> pb::Workload {
             zone: l.zone.to_string(),
             subzone: l.subzone.to_string(),
         }),
-        network_mode: pb::NetworkMode::Standard.into(),
+        network_mode: match w.network_mode {
+            model::NetworkMode::HostNetwork => pb::NetworkMode::HostNetwork,
+            model::NetworkMode::Standard => pb::NetworkMode::Standard,
+        }
+        .into(),
         extensions: Vec::new(),
         capacity: None,
     }
