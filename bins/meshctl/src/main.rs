@@ -1,9 +1,9 @@
 //! `meshctl`: meshkit's command-line tool.
 //!
-//! `meshctl demo` runs the local demo mesh. Today that is the part of the mesh that exists: a development
-//! CA, a caching certificate provider that issues and rotates workload certificates, and two workloads
-//! that open a SPIFFE mutual-TLS connection on loopback, check each other's identity and exchange bytes.
-//! HBONE, policy and the proxies join the demo as they land.
+//! `meshctl demo` runs the local demo mesh with the parts that exist: a development CA and a caching
+//! certificate provider that issues and rotates workload certificates, HBONE tunnels between two workloads
+//! on loopback, and an Istio AuthorizationPolicy enforced (and explained) on each tunnel. xDS and the
+//! proxies join the demo as they land.
 #![forbid(unsafe_code)]
 
 mod demo;
