@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use mesh_core::cert::CachingCertConfig;
 use mesh_core::{CachingCertProvider, DevCa, SpiffeId, TrustDomain, drain, tls};
 use mesh_hbone::headers::{BAGGAGE, Baggage};
-use mesh_hbone::{ConnectRequest, HboneAcceptor, HboneConfig, HboneConnector, HboneError, InboundTunnel, TunnelTarget};
+use mesh_hbone::{
+    ConnectRequest, HboneAcceptor, HboneConfig, HboneConnector, HboneError, InboundTunnel, TunnelTarget,
+};
 use mesh_policy::authz::{ConnectionAttrs, Enforcement, Request, Target};
 use mesh_policy::{PolicyEngine, PolicySet, resource::parse_resources};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -62,11 +64,18 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let server_cert = provider.fetch(&server_id).await?;
     let mut client_cert = provider.fetch(&client_id).await?;
     for cert in [&client_cert, &server_cert] {
-        println!("cert     {} valid for {}", cert.identity(), describe_life(&cert.current()));
+        println!(
+            "cert     {} valid for {}",
+            cert.identity(),
+            describe_life(&cert.current())
+        );
     }
 
     let parsed = parse_resources(POLICY)?;
-    let engine = PolicyEngine::fixed(PolicySet::compile(parsed.authorization_policies(), "istio-system")?);
+    let engine = PolicyEngine::fixed(PolicySet::compile(
+        parsed.authorization_policies(),
+        "istio-system",
+    )?);
     println!("policy   default/allow-client: ALLOW {client_id} to port 8080");
 
     let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -79,14 +88,18 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
 
     let connector = HboneConnector::new(HboneConfig::default(), Arc::new(provider.clone()));
     let request = |source: &SpiffeId, port: u16| {
-        ConnectRequest::new(source.clone(), addr, vec![server_id.clone()], format!("127.0.0.1:{port}")).with_baggage(
-            &Baggage {
-                namespace: source.namespace().map(str::to_owned),
-                workload_kind: Some("deployment".to_owned()),
-                workload_name: source.service_account().map(str::to_owned),
-                ..Baggage::default()
-            },
+        ConnectRequest::new(
+            source.clone(),
+            addr,
+            vec![server_id.clone()],
+            format!("127.0.0.1:{port}"),
         )
+        .with_baggage(&Baggage {
+            namespace: source.namespace().map(str::to_owned),
+            workload_kind: Some("deployment".to_owned()),
+            workload_name: source.service_account().map(str::to_owned),
+            ..Baggage::default()
+        })
     };
 
     // A long-lived tunnel that must survive certificate rotation on both sides.
@@ -170,11 +183,17 @@ async fn serve(tunnel: InboundTunnel, engine: PolicyEngine) -> Result<(), Infall
         ..Baggage::default()
     };
     headers.insert(BAGGAGE, baggage.to_header_value());
-    let Ok(stream) = tunnel.accept(headers) else { return Ok(()) };
+    let Ok(stream) = tunnel.accept(headers) else {
+        return Ok(());
+    };
     let mut lines = BufReader::new(stream);
     let mut line = String::new();
     while matches!(lines.read_line(&mut line).await, Ok(n) if n > 0) {
-        let reply = format!("pong to {} ({})\n", peer.service_account().unwrap_or("?"), line.trim_end());
+        let reply = format!(
+            "pong to {} ({})\n",
+            peer.service_account().unwrap_or("?"),
+            line.trim_end()
+        );
         if lines.get_mut().write_all(reply.as_bytes()).await.is_err() {
             break;
         }
