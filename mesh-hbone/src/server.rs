@@ -49,7 +49,7 @@ impl TunnelTarget {
     /// Parses a CONNECT authority; `None` unless it is `ip:port` or `host:port` with a valid port.
     pub fn parse(authority: &str) -> Option<TunnelTarget> {
         if let Ok(addr) = authority.parse::<SocketAddr>() {
-            return Some(TunnelTarget::Addr(canonical(addr)));
+            return (addr.port() != 0).then(|| TunnelTarget::Addr(canonical(addr)));
         }
         let (host, port) = authority.rsplit_once(':')?;
         let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
@@ -58,7 +58,9 @@ impl TunnelTarget {
             && host
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
-        valid_host.then(|| TunnelTarget::Host {
+        // A host that ends in a number (`127.1`, `2130706433`, `0x7f000001`) is an IPv4 address to many
+        // resolvers: refuse it, or it would bypass the destination-address check as a "hostname".
+        (valid_host && !ends_in_number(host)).then(|| TunnelTarget::Host {
             host: host.to_ascii_lowercase(),
             port,
         })
@@ -389,6 +391,15 @@ fn validate(method: &Method, uri: &http::Uri, context: &StreamContext) -> Result
     Ok(target)
 }
 
+/// The WHATWG URL rule: the last label is all digits, or `0x` followed by hex digits.
+fn ends_in_number(host: &str) -> bool {
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let last = host.rsplit('.').next().unwrap_or(host);
+    let hex = last.strip_prefix("0x").or_else(|| last.strip_prefix("0X"));
+    (!last.is_empty() && last.bytes().all(|b| b.is_ascii_digit()))
+        || hex.is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// IPv4-mapped IPv6 addresses (from a dual-stack listener) compare as the IPv4 address they carry.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
@@ -414,6 +425,11 @@ mod tests {
     #[test_case(":80", None ; "no host")]
     #[test_case("ec ho:80", None ; "bad host")]
     #[test_case("echo:99999", None ; "port overflow")]
+    #[test_case("127.1:80", None ; "short ipv4 form")]
+    #[test_case("2130706433:80", None ; "ipv4 as one number")]
+    #[test_case("0x7f000001:80", None ; "ipv4 in hex")]
+    #[test_case("10.0.0.2:0", None ; "address with port zero")]
+    #[test_case("svc1.ns2:80", Some(TunnelTarget::Host { host: "svc1.ns2".into(), port: 80 }) ; "digits inside labels are fine")]
     fn parse_targets(input: &str, expected: Option<TunnelTarget>) {
         assert_eq!(TunnelTarget::parse(input), expected);
     }

@@ -56,7 +56,8 @@ pub enum ConditionKey {
 impl ConditionKey {
     /// Parses a documented key; anything else is refused with the reason.
     pub fn parse(key: &str) -> Result<ConditionKey, String> {
-        let key = key.trim();
+        // No trimming: a key is matched exactly, as Istio does, so a stray space is an error rather than a key
+        // whose values escape validation.
         Ok(match key {
             "source.ip" => ConditionKey::SourceIp,
             "remote.ip" => ConditionKey::RemoteIp,
@@ -436,11 +437,21 @@ impl CompiledCondition {
             }
             ConditionKey::RequestHeader(name) => {
                 let Some(http) = request.http else { return false };
-                http.headers
+                let mut copies = http.headers.get_all(name).iter();
+                let Some(first) = copies.next() else { return false };
+                if copies.next().is_none() {
+                    return strings(&|m| m.matches(&String::from_utf8_lossy(first.as_bytes())));
+                }
+                // Several copies are compared joined with ",", as Envoy's header matcher does: matching copy by
+                // copy would let one good copy carry a bad one past `values`, or past `notValues`.
+                let joined = http
+                    .headers
                     .get_all(name)
                     .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .any(|v| strings(&|m| m.matches(v)))
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                strings(&|m| m.matches(&joined))
             }
             ConditionKey::AuthPrincipal => match request.auth() {
                 Some(auth) => strings(&|m| m.matches(&auth.principal)),

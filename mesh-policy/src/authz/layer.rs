@@ -123,12 +123,18 @@ where
         let layer = self.layer.clone();
         Box::pin(async move {
             // Decide on the head only, so the body need not be shared across the await.
-            let (parts, body) = request.into_parts();
+            let (mut parts, body) = request.into_parts();
             match decide(&layer, &parts).await {
-                Some(evaluation) if evaluation.is_allowed() => {
-                    inner.call(Request::from_parts(parts, body)).await
-                }
-                Some(evaluation) => {
+                // The upstream gets the path that was authorized, as Envoy rewrites `:path` to its normalized
+                // form; otherwise a backend that resolves paths differently could serve another resource.
+                Some((evaluation, path)) if evaluation.is_allowed() => match with_path(&parts.uri, &path) {
+                    Some(uri) => {
+                        parts.uri = uri;
+                        inner.call(Request::from_parts(parts, body)).await
+                    }
+                    None => Ok(forbidden()),
+                },
+                Some((evaluation, _)) => {
                     tracing::info!(%evaluation, "request denied");
                     Ok(forbidden())
                 }
@@ -149,7 +155,22 @@ fn forbidden<RB: Default>() -> Response<RB> {
     response
 }
 
-async fn decide(layer: &AuthorizeLayer, request: &http::request::Parts) -> Option<Evaluation> {
+/// `uri` with its path replaced by `path` (the query kept); `None` if that is not a valid URI.
+fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    if uri.path() == path {
+        return Some(uri.clone());
+    }
+    let path_and_query = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
+/// The decision, and the normalized path it was made on.
+async fn decide(layer: &AuthorizeLayer, request: &http::request::Parts) -> Option<(Evaluation, String)> {
     let connection = request.extensions.get::<ConnectionInfo>()?;
     let target = request.extensions.get::<WaypointTarget>()?;
     let auth = request.extensions.get::<AuthInfo>();
@@ -195,10 +216,9 @@ async fn decide(layer: &AuthorizeLayer, request: &http::request::Parts) -> Optio
                 .map(|(ns, name)| (ns.as_str(), name.as_str())),
         },
     };
-    Some(
-        layer
-            .engine
-            .authorize(&target, &attrs, layer.external.as_deref())
-            .await,
-    )
+    let evaluation = layer
+        .engine
+        .authorize(&target, &attrs, layer.external.as_deref())
+        .await;
+    Some((evaluation, http.path))
 }

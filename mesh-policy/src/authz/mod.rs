@@ -166,13 +166,30 @@ impl PolicySet {
     /// (see [`Evaluation::with_external`]).
     pub fn evaluate(&self, target: &Target<'_>, request: &Request<'_>) -> Evaluation {
         let mut state = State::default();
-        let root = self.by_namespace.get(&*self.root_namespace);
-        let local = if target.namespace == &*self.root_namespace {
-            None
-        } else {
-            self.by_namespace.get(target.namespace)
-        };
-        for index in root.into_iter().chain(local) {
+        // The namespaces whose policies can apply: the root (mesh-wide) and the workload's, and at a waypoint
+        // also the waypoint's own and the called Service's, which may differ from the workload's (a waypoint
+        // shared across namespaces). Each is searched once.
+        let root = &*self.root_namespace;
+        let mut namespaces: [Option<&str>; 4] = [Some(root), Some(target.namespace), None, None];
+        if let Enforcement::Waypoint {
+            gateway_namespace,
+            service,
+            ..
+        } = target.enforcement
+        {
+            namespaces[2] = Some(gateway_namespace);
+            namespaces[3] = service.map(|(ns, _)| ns);
+        }
+        for position in 0..namespaces.len() {
+            let Some(namespace) = namespaces[position] else {
+                continue;
+            };
+            if namespaces[..position].contains(&Some(namespace)) {
+                continue;
+            }
+            let Some(index) = self.by_namespace.get(namespace) else {
+                continue;
+            };
             for &i in index.candidates(target) {
                 self.consider(i, target, request, &mut state);
             }

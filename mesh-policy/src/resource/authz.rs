@@ -317,22 +317,28 @@ impl AuthorizationPolicy {
                 if condition.values.is_empty() && condition.not_values.is_empty() {
                     return Err(invalid(KIND, meta, field, "needs values or notValues"));
                 }
-                crate::authz::ConditionKey::parse(&condition.key)
+                let key = crate::authz::ConditionKey::parse(&condition.key)
                     .map_err(|reason| invalid(KIND, meta, format!("{field}.key"), reason))?;
-                if matches!(
-                    condition.key.as_str(),
-                    "source.ip" | "remote.ip" | "destination.ip"
-                ) {
-                    for (i, value) in condition.values.iter().chain(&condition.not_values).enumerate() {
-                        parse_ip_block(value)
-                            .map_err(|reason| invalid(KIND, meta, format!("{field}.values[{i}]"), reason))?;
+                // Values are checked by the parsed key: compiled conditions only keep values that parse.
+                let values = condition.values.iter().chain(&condition.not_values).enumerate();
+                match key {
+                    crate::authz::ConditionKey::SourceIp
+                    | crate::authz::ConditionKey::RemoteIp
+                    | crate::authz::ConditionKey::DestinationIp => {
+                        for (i, value) in values {
+                            parse_ip_block(value).map_err(|reason| {
+                                invalid(KIND, meta, format!("{field}.values[{i}]"), reason)
+                            })?;
+                        }
                     }
-                }
-                if condition.key == "destination.port" {
-                    for (i, value) in condition.values.iter().chain(&condition.not_values).enumerate() {
-                        parse_port(value)
-                            .map_err(|reason| invalid(KIND, meta, format!("{field}.values[{i}]"), reason))?;
+                    crate::authz::ConditionKey::DestinationPort => {
+                        for (i, value) in values {
+                            parse_port(value).map_err(|reason| {
+                                invalid(KIND, meta, format!("{field}.values[{i}]"), reason)
+                            })?;
+                        }
                     }
+                    _ => {}
                 }
             }
         }
