@@ -58,6 +58,24 @@ pub enum XdsError {
         problem: FieldProblem,
     },
 
+    /// The ADS client has stopped, so it cannot answer.
+    #[error("the ADS client has stopped")]
+    ClientStopped,
+
+    /// A demand named a type the ADS client does not subscribe to.
+    #[error("the ADS client does not subscribe to {type_url}")]
+    NotSubscribed {
+        /// The type asked for.
+        type_url: String,
+    },
+
+    /// An on-demand subscription would exceed the client's bound on demanded names.
+    #[error("more than {limit} on-demand names")]
+    TooManyDemands {
+        /// The bound ([`AdsConfig::max_demanded`](crate::client::AdsConfig::max_demanded)).
+        limit: usize,
+    },
+
     /// An `istio.workload.Address` holds neither a workload nor a service.
     #[error("address resource holds neither a workload nor a service")]
     EmptyAddress,

@@ -64,8 +64,10 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod client;
 pub mod convert;
 mod error;
+pub mod server;
 
 pub use authz::{XdsAuthorization, authorization_from_proto, authorization_to_proto};
 pub use convert::{
