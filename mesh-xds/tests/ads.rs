@@ -482,3 +482,69 @@ async fn a_resource_that_does_not_decode_is_refused_by_name() {
     until(&mut client.addresses, "the good workload", |r| r.len() == 1).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_mesh_snapshot_follows_the_address_resources() {
+    let mut backend = workload("b", "198.18.0.2");
+    backend.services.insert(
+        "default/echo.default.svc.cluster.local".parse().unwrap(),
+        [(80, 8080)].into(),
+    );
+    // c claims b's IP: a removal still in flight. b (first by name) keeps it.
+    let squatter = workload("c", "198.18.0.2");
+    let publisher = ResourcePublisher::new(resources_from_mesh(
+        &[workload("a", "198.18.0.1"), backend, squatter],
+        &[service("echo", "198.19.0.10")],
+        &[],
+    ));
+    let server = TestServer::start(publisher.clone(), AdsLimits::default()).await;
+    let client = start_client(server.addr, false);
+    let snapshots = mesh_core::model::SnapshotPublisher::new();
+    let mut receiver = snapshots.subscribe();
+    tokio::spawn(mesh_xds::client::publish_snapshots(
+        client.addresses.clone(),
+        snapshots,
+    ));
+
+    let snapshot = tokio::time::timeout(WAIT, async {
+        loop {
+            let snapshot = receiver.current();
+            if snapshot.workload_count() == 3 {
+                return snapshot;
+            }
+            receiver.changed().await.expect("publisher gone");
+        }
+    })
+    .await
+    .expect("no snapshot with the three workloads");
+    let by_ip = snapshot
+        .workload_by_ip("", "198.18.0.2".parse().unwrap())
+        .unwrap();
+    assert_eq!(by_ip.uid.as_ref(), "cluster1//v1/Pod/default/b");
+    let echo = snapshot
+        .service("default", "echo.default.svc.cluster.local")
+        .unwrap();
+    assert_eq!(snapshot.endpoints_of(echo).len(), 1);
+
+    // The squatter goes away: nothing else changes.
+    publisher.publish(resources_from_mesh(
+        &[workload("a", "198.18.0.1"), {
+            let mut b = workload("b", "198.18.0.2");
+            b.services.insert(
+                "default/echo.default.svc.cluster.local".parse().unwrap(),
+                [(80, 8080)].into(),
+            );
+            b
+        }],
+        &[service("echo", "198.19.0.10")],
+        &[],
+    ));
+    tokio::time::timeout(WAIT, async {
+        while receiver.current().workload_count() != 2 {
+            receiver.changed().await.expect("publisher gone");
+        }
+    })
+    .await
+    .expect("the snapshot did not follow the removal");
+    server.stop().await;
+}

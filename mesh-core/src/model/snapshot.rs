@@ -233,14 +233,110 @@ impl MeshSnapshotBuilder {
             services: self.services.clone(),
             ..MeshSnapshot::default()
         };
-        index_services(&mut snapshot)?;
-        index_workloads(&mut snapshot)?;
+        index_services(&mut snapshot, &mut Strict)?;
+        index_workloads(&mut snapshot, &mut Strict)?;
         snapshot.endpoints = derive_endpoints(&snapshot, self.allow_unknown_services)?;
         Ok(snapshot)
     }
+
+    /// Builds a snapshot from whatever is consistent, and returns the conflicts it set aside, for sources
+    /// that must not stop on one bad entry (a control plane may briefly give a new pod the IP of one whose
+    /// removal has not arrived yet). In order of addition, the first claim wins: a later workload or
+    /// service with an empty or repeated uid or `namespace/hostname` is left out; a later claim on an
+    /// address or VIP, or a repeated service port, is not indexed while the object itself stays. A workload
+    /// backing an unknown service yields no endpoint (as with
+    /// [`allow_unknown_services`](Self::allow_unknown_services)).
+    pub fn build_lenient(&self) -> (MeshSnapshot, Vec<ModelError>) {
+        let mut conflicts = Lenient(Vec::new());
+        let mut seen_uids = std::collections::HashSet::new();
+        let workloads = self
+            .workloads
+            .iter()
+            .filter(|workload| {
+                let keep = !workload.uid.is_empty() && seen_uids.insert(workload.uid.clone());
+                if !keep {
+                    conflicts.0.push(if workload.uid.is_empty() {
+                        ModelError::EmptyUid {
+                            namespace: workload.namespace.clone(),
+                            name: workload.name.clone(),
+                        }
+                    } else {
+                        ModelError::DuplicateUid {
+                            uid: workload.uid.clone(),
+                        }
+                    });
+                }
+                keep
+            })
+            .cloned()
+            .collect();
+        let mut seen_keys = std::collections::HashSet::new();
+        let services = self
+            .services
+            .iter()
+            .filter(|service| {
+                let keep = !service.hostname.is_empty() && seen_keys.insert(service.key());
+                if !keep {
+                    conflicts.0.push(if service.hostname.is_empty() {
+                        ModelError::EmptyHostname {
+                            namespace: service.namespace.clone(),
+                            name: service.name.clone(),
+                        }
+                    } else {
+                        ModelError::DuplicateHostname {
+                            service: service.key(),
+                        }
+                    });
+                }
+                keep
+            })
+            .cloned()
+            .collect();
+        let mut snapshot = MeshSnapshot {
+            workloads,
+            services,
+            ..MeshSnapshot::default()
+        };
+        // With duplicates filtered out above, the indexers only report address, VIP and port conflicts,
+        // which `Lenient` records instead of failing on.
+        let indexed = index_services(&mut snapshot, &mut conflicts)
+            .and_then(|()| index_workloads(&mut snapshot, &mut conflicts))
+            .and_then(|()| derive_endpoints(&snapshot, true));
+        match indexed {
+            Ok(endpoints) => snapshot.endpoints = endpoints,
+            // Unreachable by construction; fail safe to an empty snapshot rather than a half-indexed one.
+            Err(error) => {
+                conflicts.0.push(error);
+                return (MeshSnapshot::default(), conflicts.0);
+            }
+        }
+        (snapshot, conflicts.0)
+    }
 }
 
-fn index_services(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
+/// What the indexers do with a conflict: fail the build ([`Strict`]) or record it and go on ([`Lenient`]).
+trait OnConflict {
+    fn conflict(&mut self, error: ModelError) -> Result<(), ModelError>;
+}
+
+struct Strict;
+
+impl OnConflict for Strict {
+    fn conflict(&mut self, error: ModelError) -> Result<(), ModelError> {
+        Err(error)
+    }
+}
+
+struct Lenient(Vec<ModelError>);
+
+impl OnConflict for Lenient {
+    fn conflict(&mut self, error: ModelError) -> Result<(), ModelError> {
+        self.0.push(error);
+        Ok(())
+    }
+}
+
+fn index_services(snapshot: &mut MeshSnapshot, on_conflict: &mut impl OnConflict) -> Result<(), ModelError> {
     let services = &snapshot.services;
     for (i, service) in services.iter().enumerate() {
         if service.hostname.is_empty() {
@@ -257,29 +353,30 @@ fn index_services(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
             .iter()
             .any(|&j| services[j].namespace == service.namespace)
         {
-            return Err(ModelError::DuplicateHostname {
+            on_conflict.conflict(ModelError::DuplicateHostname {
                 service: service.key(),
-            });
+            })?;
+            continue;
         }
         same_hostname.push(i);
 
         for (k, port) in service.ports.iter().enumerate() {
             if service.ports[..k].iter().any(|earlier| earlier.port == port.port) {
-                return Err(ModelError::DuplicateServicePort {
+                on_conflict.conflict(ModelError::DuplicateServicePort {
                     service: service.key(),
                     port: port.port,
-                });
+                })?;
             }
         }
 
         for vip in &service.vips {
             match snapshot.service_by_vip.insert(&vip.network, vip.ip, i) {
                 Err(first) if first != i => {
-                    return Err(ModelError::DuplicateVip {
+                    on_conflict.conflict(ModelError::DuplicateVip {
                         vip: vip.clone(),
                         first: services[first].key(),
                         second: service.key(),
-                    });
+                    })?;
                 }
                 _ => {}
             }
@@ -288,7 +385,7 @@ fn index_services(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn index_workloads(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
+fn index_workloads(snapshot: &mut MeshSnapshot, on_conflict: &mut impl OnConflict) -> Result<(), ModelError> {
     let workloads = &snapshot.workloads;
     for (i, workload) in workloads.iter().enumerate() {
         if workload.uid.is_empty() {
@@ -310,11 +407,11 @@ fn index_workloads(snapshot: &mut MeshSnapshot) -> Result<(), ModelError> {
         for &ip in &workload.addresses {
             match snapshot.workload_by_ip.insert(&workload.network, ip, i) {
                 Err(first) if first != i => {
-                    return Err(ModelError::DuplicateAddress {
+                    on_conflict.conflict(ModelError::DuplicateAddress {
                         address: NetworkAddr::new(workload.network.clone(), ip),
                         first_uid: workloads[first].uid.clone(),
                         second_uid: workload.uid.clone(),
-                    });
+                    })?;
                 }
                 _ => {}
             }

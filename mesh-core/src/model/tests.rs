@@ -559,3 +559,102 @@ fn host_network_workloads_share_an_address_and_are_found_by_uid_only() {
         "an address shared by host pods names none of them"
     );
 }
+
+#[test]
+fn lenient_build_keeps_the_first_claim_and_reports_the_rest() {
+    let thief = Workload {
+        uid: "cluster1//v1/Pod/default/thief".into(),
+        addresses: vec![ip("198.18.0.2"), ip("198.18.0.7")],
+        ..client()
+    };
+    let echo_twin = Service {
+        vips: vec![addr("/198.19.0.99")],
+        ..echo()
+    };
+    let vip_thief = Service {
+        vips: vec![addr("/198.19.0.10")],
+        ..Service::new("other", "default", "other.default.svc.cluster.local")
+    };
+    let (snapshot, conflicts) = MeshSnapshot::builder()
+        .add_workload(client())
+        .add_workload(server())
+        .add_workload(thief)
+        .add_workload(Workload {
+            addresses: vec![],
+            ..client()
+        })
+        .add_workload(Workload {
+            uid: "".into(),
+            ..client()
+        })
+        .add_service(echo())
+        .add_service(echo_twin)
+        .add_service(vip_thief)
+        .build_lenient();
+
+    // The first claims stand, and everything consistent is indexed.
+    assert_eq!(
+        snapshot
+            .workload_by_ip("", ip("198.18.0.2"))
+            .unwrap()
+            .uid
+            .as_ref(),
+        SERVER_UID
+    );
+    assert_eq!(
+        snapshot
+            .workload_by_ip("", ip("198.18.0.7"))
+            .unwrap()
+            .uid
+            .as_ref(),
+        "cluster1//v1/Pod/default/thief",
+        "the later workload keeps its uncontested address"
+    );
+    assert_eq!(
+        snapshot.workload_by_uid(CLIENT_UID).unwrap().addresses,
+        [ip("198.18.0.1")]
+    );
+    assert_eq!(snapshot.workload_count(), 3);
+    assert_eq!(
+        snapshot
+            .service_by_vip(&addr("/198.19.0.10"))
+            .unwrap()
+            .name
+            .as_ref(),
+        "echo"
+    );
+    assert!(
+        snapshot.service_by_vip(&addr("/198.19.0.99")).is_none(),
+        "the duplicate service is left out"
+    );
+    assert_eq!(snapshot.endpoints(&echo_key()).len(), 1);
+
+    let mut kinds: Vec<&str> = conflicts
+        .iter()
+        .map(|conflict| match conflict {
+            ModelError::DuplicateAddress { .. } => "address",
+            ModelError::DuplicateUid { .. } => "uid",
+            ModelError::EmptyUid { .. } => "empty uid",
+            ModelError::DuplicateHostname { .. } => "hostname",
+            ModelError::DuplicateVip { .. } => "vip",
+            other => panic!("unexpected conflict {other}"),
+        })
+        .collect();
+    kinds.sort_unstable();
+    assert_eq!(kinds, ["address", "empty uid", "hostname", "uid", "vip"]);
+
+    // Strict building refuses the same input.
+    assert!(
+        build_with(
+            vec![
+                client(),
+                Workload {
+                    addresses: vec![],
+                    ..client()
+                }
+            ],
+            vec![]
+        )
+        .is_err()
+    );
+}

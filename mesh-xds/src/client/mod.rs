@@ -18,6 +18,7 @@
 //! - [`AdsHandle::demand`] subscribes to one name (a resource name or an alias such as `network/ip`) and
 //!   returns once the control plane has answered: with the resource, or by listing the name as removed.
 
+mod mesh;
 mod store;
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
+pub use mesh::{publish_snapshots, snapshot_from_addresses};
 pub use store::{Resource, Resources, Watch};
 use store::{TypeStore, TypedStore};
 
