@@ -4,8 +4,12 @@
 //! Istio's CA shapes workload certificates (empty subject, key usage digitalSignature + keyEncipherment,
 //! extended key usage serverAuth + clientAuth). Its key lives in memory: it is for `meshctl demo`, tests and
 //! local development, never for production trust.
+//!
+//! It can also issue a TLS *server* certificate with DNS and IP SANs ([`DevCa::issue_server`]): the serving
+//! identity of a local control plane, which clients verify like istiod's (by DNS name, not by SPIFFE ID).
 
 use std::fmt;
+use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
@@ -32,6 +36,7 @@ pub struct DevCa {
     root_pem: String,
     issuer: Issuer<'static, KeyPair>,
     max_validity: Duration,
+    root_not_after: SystemTime,
 }
 
 /// A leaf certificate exactly as specified, including shapes a correct peer must refuse (expired, several
@@ -64,7 +69,8 @@ impl DevCa {
             KeyUsagePurpose::DigitalSignature,
         ];
         params.not_before = (now - CLOCK_SKEW_ALLOWANCE).into();
-        params.not_after = (now + ROOT_VALIDITY).into();
+        let root_not_after = now + ROOT_VALIDITY;
+        params.not_after = root_not_after.into();
         params.serial_number = Some(random_serial());
         let root = params.self_signed(&key)?;
         Ok(DevCa {
@@ -73,6 +79,7 @@ impl DevCa {
             root_pem: root.pem(),
             issuer: Issuer::new(params, key),
             max_validity,
+            root_not_after,
         })
     }
 
@@ -130,6 +137,54 @@ impl DevCa {
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             vec![self.root.clone()],
         )
+    }
+
+    /// Issues a TLS server certificate for `dns_names` and `ips` (e.g. `localhost`, `istiod.istio-system.svc`
+    /// and `127.0.0.1`) with a new key: the serving identity of a local control plane, which clients check
+    /// by name against this CA's root, as ztunnel checks istiod. Returns the chain (the leaf alone) and the
+    /// key.
+    ///
+    /// The certificate carries no SPIFFE ID and is only valid for server authentication. It lives `validity`,
+    /// capped at the root's own expiry but not at the CA's maximum: that maximum bounds workload
+    /// certificates, which rotate, while a server certificate lives as long as the process serving it.
+    /// Fails if both lists are empty or a DNS name is not a valid `IA5String`.
+    pub fn issue_server(
+        &self,
+        dns_names: &[&str],
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
+        if dns_names.is_empty() && ips.is_empty() {
+            return Err(Error::malformed(
+                "server certificate request",
+                "no DNS name or IP address to certify",
+            ));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|name| Ok(SanType::DnsName((*name).try_into()?)))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = SystemTime::now();
+        params.not_before = (now - CLOCK_SKEW_ALLOWANCE).into();
+        let not_after = now.checked_add(validity).unwrap_or(self.root_not_after);
+        params.not_after = not_after.min(self.root_not_after).into();
+        params.serial_number = Some(random_serial());
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        Ok((
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
     }
 
     /// Issues a leaf exactly as `spec` says, valid or not, with a new key: the chain and the key, for
@@ -197,4 +252,68 @@ fn random_serial() -> SerialNumber {
     let mut bytes = fastrand::u128(..).to_be_bytes();
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::{ServerName, UnixTime};
+
+    fn ca() -> DevCa {
+        DevCa::new(
+            TrustDomain::new("cluster.local").unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn server_certificate_verifies_by_dns_name_and_ip_against_the_root() {
+        let ca = ca();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let (chain, _key) = ca
+            .issue_server(
+                &["localhost", "istiod.istio-system.svc"],
+                &[ip],
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let anchor = webpki::anchor_from_trusted_cert(ca.root_cert()).unwrap();
+        let leaf = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
+        let algorithms = crate::tls::crypto_provider()
+            .signature_verification_algorithms
+            .all;
+        leaf.verify_for_usage(
+            algorithms,
+            &[anchor],
+            &[],
+            UnixTime::now(),
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .unwrap();
+        for name in ["localhost", "istiod.istio-system.svc", "127.0.0.1"] {
+            let name = ServerName::try_from(name).unwrap();
+            leaf.verify_is_valid_for_subject_name(&name).unwrap();
+        }
+        let other = ServerName::try_from("evil.example").unwrap();
+        assert!(leaf.verify_is_valid_for_subject_name(&other).is_err());
+        // Its lifetime is not capped by the 60 s maximum that bounds workload certificates.
+        let info = x509_parser::parse_x509_certificate(&chain[0]).unwrap().1;
+        let lifetime = info.validity().not_after.timestamp() - info.validity().not_before.timestamp();
+        assert!(lifetime > 3000, "lifetime {lifetime}s");
+        // ... and it is not a workload identity.
+        assert!(crate::cert::svid_identity(&chain[0]).is_err());
+    }
+
+    #[test]
+    fn server_certificate_needs_a_name() {
+        let error = ca().issue_server(&[], &[], Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(error, Error::Malformed { .. }), "{error}");
+        assert!(
+            ca().issue_server(&["bad\u{e9}name"], &[], Duration::from_secs(60))
+                .is_err()
+        );
+    }
 }

@@ -88,6 +88,124 @@ pub enum XdsError {
         /// prost's explanation.
         reason: prost::DecodeError,
     },
+
+    /// A local configuration document (`mesh_xds::local`) is invalid: bad YAML, a value of the wrong type,
+    /// or a value the conversion refuses. The location names the file, line and column.
+    #[error("{location}: {}{reason}", FieldPrefix(.field))]
+    LocalConfig {
+        /// Where: the value's own position when the parser knows it, else the start of its document.
+        location: crate::local::SourceLocation,
+        /// The offending field, e.g. `workloads[1].workloadIps[0]` or `spec.ports[0].targetPort`; empty when
+        /// the whole document is at fault.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A local configuration document is a Kubernetes object of a kind the loader neither converts nor
+    /// documents as ignored.
+    #[error("{location}: unsupported kind {kind:?} (apiVersion {api_version:?})")]
+    LocalUnsupportedKind {
+        /// Where the document starts.
+        location: crate::local::SourceLocation,
+        /// The document's `kind`.
+        kind: String,
+        /// The document's `apiVersion`.
+        api_version: String,
+    },
+
+    /// A local configuration path could not be read.
+    #[error("{path}: cannot read: {source}")]
+    LocalIo {
+        /// The file or directory.
+        path: String,
+        /// The operating system's error.
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+
+    /// A local configuration file (or inline configuration, or a directory's files together) is larger
+    /// than the loader accepts.
+    #[error("{path}: {size} bytes is more than the limit of {limit}")]
+    LocalTooLarge {
+        /// The file, directory or inline configuration's name.
+        path: String,
+        /// Its size in bytes (at least this many, if it was still growing).
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// A bearer token for control-plane calls could not be loaded, or cannot be sent as one.
+    #[error("bearer token from {origin}: {problem}")]
+    Token {
+        /// Where the token comes from: the file's path, or `a literal token`.
+        origin: String,
+        /// What is wrong.
+        problem: TokenProblem,
+    },
+
+    /// A header configured for control-plane calls has an invalid or reserved name, or an invalid value.
+    #[error("header {name:?}: {reason}")]
+    Header {
+        /// The header's name, as configured (cut to 128 characters).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A gRPC transport setting is unusable: an address that is not `http(s)://host:port`, missing or
+    /// malformed root certificates, a TLS configuration rustls refuses, no tokio runtime to run in, ...
+    #[error("invalid transport configuration: {reason}")]
+    Transport {
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Connecting to a gRPC server failed: TCP, or the TLS handshake (for example, a server certificate
+    /// that does not chain to the configured roots).
+    #[error("connecting to {address} failed: {reason}")]
+    Connect {
+        /// The `host:port` dialled.
+        address: String,
+        /// The cause, with the TLS alert or certificate error when there is one.
+        reason: String,
+    },
+
+    /// A caller of the CA service could not be authenticated by one authenticator.
+    #[error("{reason}")]
+    Unauthenticated {
+        /// Why, in words safe to send back to the caller (never the token itself).
+        reason: String,
+    },
+
+    /// A certificate or key operation of `mesh-core` failed (issuing the local server's certificate, ...).
+    #[error(transparent)]
+    Core(Box<mesh_core::Error>),
+}
+
+/// Why a bearer token could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenProblem {
+    /// The token file could not be read (it is missing, or not readable).
+    #[error("cannot read it: {0}")]
+    Unreadable(String),
+
+    /// The token is empty, or only whitespace.
+    #[error("it is empty")]
+    Empty,
+
+    /// The token file is larger than any real token.
+    #[error("it is larger than {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+
+    /// The token holds characters an HTTP header value cannot carry.
+    #[error("it holds characters a header value cannot carry")]
+    NotHeaderValue,
 }
 
 /// Why a field of a resource was refused.
@@ -218,5 +336,18 @@ pub(crate) fn truncate_for_log(input: &str) -> String {
     match input.char_indices().nth(LIMIT) {
         Some((cut, _)) => format!("{}...", &input[..cut]),
         None => input.to_owned(),
+    }
+}
+
+/// Prints `field: ` before a local configuration error's reason, or nothing when no field is named.
+struct FieldPrefix<'a>(&'a str);
+
+impl fmt::Display for FieldPrefix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, "{}: ", self.0)
+        }
     }
 }

@@ -21,6 +21,15 @@
 //!   [`gateway_from_proto`], [`network_addr_from_proto`] and their `_to_proto` counterparts.
 //! - [`authz`]: [`XdsAuthorization`], a validated Rust form of `istio.security.Authorization`, with
 //!   [`authorization_from_proto`] and [`authorization_to_proto`].
+//! - [`transport`]: gRPC over rustls for clients ([`transport::connect_lazy`], with the bearer-token
+//!   [`transport::CallCredentials`]) and servers ([`transport::TlsIncoming`], whose
+//!   [`transport::ConnectionInfo`] names the client's certificate identity).
+//! - [`ca`]: Istio's certificate service: [`ca::IstioCaSigner`], a `CertSigner` calling istiod, and
+//!   [`ca::CaService`], the local control plane's CA, which authenticates and authorizes callers as istiod
+//!   does (node proxies may impersonate only the workloads on their node).
+//! - [`local`]: the local control plane's configuration: Istio ztunnel's static `LOCAL_XDS_PATH` files and
+//!   Kubernetes objects as `kubectl get -o yaml` prints them, converted as istiod would
+//!   ([`load_path`], [`load_str`]) into a validated [`LocalConfig`], and a polling [`LocalWatcher`].
 //! - [`decode_address`] and [`decode_authorization`]: bytes (an xDS resource's `Any` value) to the
 //!   converted form; [`ADDRESS_TYPE_URL`] and [`AUTHORIZATION_TYPE_URL`] name the two resource types.
 //! - [`XdsError`]: the crate's one error type. A conversion error names the resource and the field, so it
@@ -64,18 +73,24 @@
 #![forbid(unsafe_code)]
 
 pub mod authz;
+pub mod ca;
 pub mod client;
 pub mod convert;
 mod error;
+pub mod local;
 pub mod server;
+pub mod transport;
 
 pub use authz::{XdsAuthorization, authorization_from_proto, authorization_to_proto};
+pub use ca::{CaService, IstioCaConfig, IstioCaSigner};
 pub use convert::{
     XdsAddress, address_from_proto, address_to_proto, gateway_from_proto, gateway_to_proto,
     network_addr_from_proto, network_addr_to_proto, service_from_proto, service_to_proto,
     workload_from_proto, workload_to_proto,
 };
-pub use error::{FieldProblem, XdsError};
+pub use error::{FieldProblem, TokenProblem, XdsError};
+pub use local::{LocalConfig, LocalOptions, LocalWatcher, SourceLocation, load_path, load_str};
+pub use transport::{CallCredentials, GrpcClientConfig, TlsIncoming, TokenSource, connect_lazy};
 
 /// The protobuf messages and gRPC clients and servers, generated from `mesh-xds/proto/*.proto` by
 /// `build.rs`. Modules follow the proto packages, e.g. [`proto::istio::workload::Workload`].

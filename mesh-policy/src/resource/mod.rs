@@ -48,6 +48,10 @@ pub struct ObjectMeta {
     /// Annotations (`istio.io/dry-run` among them).
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// When the API server created the object (RFC 3339, e.g. `2024-05-01T12:00:00Z`), as `kubectl get -o
+    /// yaml` prints it. Istio breaks ties between PeerAuthentications by age, oldest first.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
 }
 
 fn default_namespace() -> String {
