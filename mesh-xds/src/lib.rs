@@ -6,9 +6,6 @@
 //! [`mesh_core::model::MeshSnapshot`]; certificates it obtains will feed
 //! [`mesh_core::CachingCertProvider`].
 //!
-//! This release holds the wire contract and the conversions; the ADS client, the CA client and the local
-//! control-plane server build on them.
-//!
 //! ## Layout
 //! - [`proto`]: the protobuf messages and gRPC stubs, generated at build time from the crate's own
 //!   `proto/*.proto` files, whose packages, messages and field numbers match Istio's ztunnel:
@@ -21,6 +18,11 @@
 //!   [`gateway_from_proto`], [`network_addr_from_proto`] and their `_to_proto` counterparts.
 //! - [`authz`]: [`XdsAuthorization`], a validated Rust form of `istio.security.Authorization`, with
 //!   [`authorization_from_proto`] and [`authorization_to_proto`].
+//! - [`client`]: the delta ADS client ([`client::AdsClientBuilder`], typed [`client::Watch`]es, NACKs
+//!   naming each refused resource, reconnects with `initial_resource_versions`, on-demand lookups) and
+//!   [`client::publish_snapshots`], which turns the `Address` watch into [`mesh_core::model::MeshSnapshot`]s.
+//! - [`server`]: the local control plane ([`server::Server`]): the ADS service ([`server::AdsService`])
+//!   and the CA service on one TLS endpoint, fed from watched YAML files.
 //! - [`transport`]: gRPC over rustls for clients ([`transport::connect_lazy`], with the bearer-token
 //!   [`transport::CallCredentials`]) and servers ([`transport::TlsIncoming`], whose
 //!   [`transport::ConnectionInfo`] names the client's certificate identity).

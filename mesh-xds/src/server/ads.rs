@@ -29,11 +29,13 @@ use futures_util::Stream;
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::access::{AdsAccess, StreamInfo};
 use super::resources::{ResourcePublisher, ResourceSnapshot};
 use crate::proto::envoy::service::discovery::v3 as ads;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
+use crate::transport::ConnectionInfo;
 
 /// What one ADS server may be made to hold.
 #[derive(Debug, Clone, Copy)]
@@ -101,12 +103,14 @@ pub struct AdsService {
     streams: Arc<Semaphore>,
     events: broadcast::Sender<AdsEvent>,
     closing: Arc<watch::Sender<bool>>,
+    access: Option<Arc<dyn AdsAccess>>,
 }
 
 impl fmt::Debug for AdsService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdsService")
             .field("limits", &self.limits)
+            .field("access", &self.access)
             .field(
                 "open_streams",
                 &(self.limits.max_streams - self.streams.available_permits()),
@@ -126,7 +130,15 @@ impl AdsService {
             limits,
             events,
             closing: Arc::new(closing),
+            access: None,
         }
+    }
+
+    /// Checks every stream with `access` before serving it (without one, anyone who can connect may
+    /// subscribe: only for tests and trusted transports).
+    pub fn with_access(mut self, access: Arc<dyn AdsAccess>) -> Self {
+        self.access = Some(access);
+        self
     }
 
     /// Ends every stream with `UNAVAILABLE` and refuses new ones, so that clients reconnect (to another
@@ -160,6 +172,23 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<ResponseStream>, Status> {
         if *self.closing.borrow() {
             return Err(Status::unavailable("the ADS server is shutting down"));
+        }
+        if let Some(access) = &self.access {
+            let connection = request.extensions().get::<ConnectionInfo>();
+            let stream = StreamInfo {
+                metadata: request.metadata(),
+                connection,
+                remote_addr: connection
+                    .map(ConnectionInfo::remote_addr)
+                    .or_else(|| request.remote_addr()),
+            };
+            match access.check(&stream).await {
+                Ok(client) => tracing::debug!(%client, "ADS stream allowed"),
+                Err(status) => {
+                    tracing::info!(peer = ?stream.remote_addr, reason = %status.message(), "ADS stream refused");
+                    return Err(status);
+                }
+            }
         }
         let permit = self
             .streams

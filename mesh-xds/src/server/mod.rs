@@ -3,13 +3,23 @@
 //! ## Layout
 //! - [`ResourceSnapshot`], [`ServedResource`] and [`ResourcePublisher`]: what is served, encoded once and
 //!   versioned by content.
-//! - [`AdsService`]: `DeltaAggregatedResources` over a publisher, with [`AdsLimits`] and [`AdsEvent`]s.
+//! - [`AdsService`]: `DeltaAggregatedResources` over a publisher, with [`AdsLimits`] and [`AdsEvent`]s, and
+//!   an [`AdsAccess`] check per stream ([`LoopbackAnyToken`], [`AuthenticatedCallers`]).
+//! - [`GrpcRouter`]: ADS and the CA service ([`crate::ca::CaService`]) on one endpoint.
+//! - [`Server`]: all of it over TLS, fed from a [`crate::local::LocalWatcher`], as istiod serves port 15012.
+//! - [`resources_from_mesh`]: workloads, services and policies encoded as istiod names them.
 
+mod access;
 mod ads;
+mod control_plane;
 mod resources;
+mod router;
 
+pub use access::{AdsAccess, AuthenticatedCallers, LoopbackAnyToken, StreamInfo};
 pub use ads::{AdsEvent, AdsLimits, AdsService};
+pub use control_plane::{ClientAuth, Server, ServerConfig};
 pub use resources::{ResourcePublisher, ResourceSnapshot, ServedResource, TypeResources};
+pub use router::GrpcRouter;
 
 use std::sync::Arc;
 
