@@ -45,7 +45,7 @@ pub(crate) struct DemoArgs {
     run_for: Duration,
 }
 
-type DemoResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+pub(crate) type DemoResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let td = TrustDomain::new("cluster.local")?;
@@ -207,7 +207,7 @@ fn describe_life(cert: &mesh_core::WorkloadCert) -> String {
 }
 
 /// Parses `500ms`, `4s`, `2m` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
         Some(i) => text.split_at(i),
         None => (text, "s"),
@@ -217,7 +217,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
-        _ => return Err(format!("unknown unit in {text:?}: use ms, s or m")),
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit in {text:?}: use ms, s, m or h")),
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }

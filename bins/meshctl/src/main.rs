@@ -4,8 +4,12 @@
 //! certificate provider that issues and rotates workload certificates, HBONE tunnels between two workloads
 //! on loopback, and an Istio AuthorizationPolicy enforced (and explained) on each tunnel. xDS and the
 //! proxies join the demo as they land.
+//!
+//! `meshctl control-plane` runs the local control plane (`mesh_xds::server::Server`) on its own, for our
+//! proxies or Istio's ztunnel to connect to.
 #![forbid(unsafe_code)]
 
+mod control_plane;
 mod demo;
 
 use std::process::ExitCode;
@@ -24,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run the local demo mesh on loopback and print what happens.
     Demo(demo::DemoArgs),
+    /// Serve delta ADS and the Istio CA from YAML files, as istiod does on port 15012, until interrupted.
+    ControlPlane(control_plane::ControlPlaneArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
+        Command::ControlPlane(args) => runtime.block_on(control_plane::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
