@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/authorization.proto",
     "proto/citadel.proto",
     "proto/zds.proto",
+    "proto/workload_api.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -32,6 +32,10 @@
 //! - [`local`]: the local control plane's configuration: Istio ztunnel's static `LOCAL_XDS_PATH` files and
 //!   Kubernetes objects as `kubectl get -o yaml` prints them, converted as istiod would
 //!   ([`load_path`], [`load_str`]) into a validated [`LocalConfig`], and a polling [`LocalWatcher`].
+//! - [`spiffe`]: [`WorkloadApiCertProvider`], a `CertProvider` fed by a SPIFFE Workload API (a SPIRE
+//!   agent's socket) instead of the Istio CA: one `FetchX509SVID` stream, each SVID checked on its own,
+//!   rotation pushed into the watches, reconnects with backoff. Its messages and stubs come from
+//!   `proto/workload_api.proto`, which has no package, so they sit at the root of [`proto`].
 //! - [`decode_address`] and [`decode_authorization`]: bytes (an xDS resource's `Any` value) to the
 //!   converted form; [`ADDRESS_TYPE_URL`] and [`AUTHORIZATION_TYPE_URL`] name the two resource types.
 //! - [`XdsError`]: the crate's one error type. A conversion error names the resource and the field, so it
@@ -81,6 +85,7 @@ pub mod convert;
 mod error;
 pub mod local;
 pub mod server;
+pub mod spiffe;
 pub mod transport;
 
 pub use authz::{XdsAuthorization, authorization_from_proto, authorization_to_proto};
@@ -92,6 +97,7 @@ pub use convert::{
 };
 pub use error::{FieldProblem, TokenProblem, XdsError};
 pub use local::{LocalConfig, LocalOptions, LocalWatcher, SourceLocation, load_path, load_str};
+pub use spiffe::{WorkloadApiCertProvider, WorkloadApiConfig};
 pub use transport::{CallCredentials, GrpcClientConfig, TlsIncoming, TokenSource, connect_lazy};
 
 /// The protobuf messages and gRPC clients and servers, generated from `mesh-xds/proto/*.proto` by

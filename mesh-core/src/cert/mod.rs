@@ -159,7 +159,10 @@ impl CertWatch {
         CertWatch { rx }
     }
 
-    pub(crate) fn from_receiver(rx: watch::Receiver<Arc<WorkloadCert>>) -> Self {
+    /// A watch fed by a provider's own channel: the provider rotates the certificate by sending on the
+    /// matching `watch::Sender`, and dropping that sender ends [`CertWatch::changed`] (it returns `None`).
+    /// For [`CertProvider`] implementations outside this crate.
+    pub fn from_receiver(rx: watch::Receiver<Arc<WorkloadCert>>) -> Self {
         CertWatch { rx }
     }
 
