@@ -8,6 +8,10 @@
 //!   yaml` prints them ([`resource::parse_resources`]), validated with errors that name the field.
 //! - [`authz`]: [`PolicySet`] (compiled, indexed by namespace) and [`PolicySet::evaluate`], for ztunnel (L4)
 //!   and waypoints (L7), returning an [`Evaluation`] that prints as one readable line.
+//! - [`l4`]: the policies istiod compiles for ztunnel (`istio.security.Authorization`, as `mesh-xds`
+//!   converts them) as [`L4Policy`] values, indexed in an [`L4PolicySet`] whose [`L4PolicySet::evaluate`]
+//!   decides a connection exactly as Istio's ztunnel does, returning an [`L4Evaluation`] that names the
+//!   policy and rule.
 //! - [`PolicyEngine`]: the current set behind a `watch`, and the [`ExternalAuthorizer`] hook for CUSTOM.
 //! - [`jwt`]: RequestAuthentication as a [`JwtAuthenticator`] (tokens checked into an
 //!   [`AuthInfo`](authz::AuthInfo)), remote keys in a [`JwksCache`], and the [`AuthenticateLayer`].
@@ -55,6 +59,7 @@ pub mod authz;
 mod engine;
 mod error;
 pub mod jwt;
+pub mod l4;
 pub mod peer_authn;
 pub mod resource;
 
@@ -62,6 +67,7 @@ pub use authz::{Decision, Evaluation, PolicySet};
 pub use engine::{ExternalAuthorizer, PolicyEngine, PolicyPublisher, channel};
 pub use error::PolicyError;
 pub use jwt::{AuthenticateLayer, JwksCache, JwtAuthenticator, JwtError};
+pub use l4::{L4Evaluation, L4Policy, L4PolicySet, L4Target};
 pub use peer_authn::PeerAuthnSet;
 
 #[doc(hidden)]

@@ -4,16 +4,16 @@
 //! istiod compiles each AuthorizationPolicy that a ztunnel can enforce into one of these. The shape is
 //! kept as sent: a policy matches if any [`AuthzRule`] matches, a rule if all its [`AuthzClause`]s do, a
 //! clause if any of its [`AuthzMatch`]es does, and a match if every kind of condition it sets holds (any
-//! positive value matches and no `not_` value does). Evaluating it is `mesh-policy`'s job; this module only
-//! guarantees that every value is well-formed: IPs are 4 or 16 bytes with a prefix that fits, ports fit 16
-//! bits, and every string match has a kind. Istio's ztunnel drops such malformed entries one by one, which
-//! can silently widen an ALLOW policy (an `ALLOW from source_ips: [<bad>]` becomes an allow-all); here
-//! the whole policy is refused instead, and the control plane is told why.
+//! positive value matches and no `not_` value does). The types are `mesh-policy`'s ([`mesh_policy::l4`],
+//! re-exported here under this crate's names), and so is the decision ([`mesh_policy::L4PolicySet`]);
+//! this module converts the protobuf and guarantees that every value is well-formed: IPs are 4 or 16
+//! bytes with a prefix that fits, ports fit 16 bits, and every string match has a kind. Istio's ztunnel
+//! drops such malformed entries one by one, which can silently widen an ALLOW policy (an `ALLOW from
+//! source_ips: [<bad>]` becomes an allow-all); here the whole policy is refused instead, and the control
+//! plane is told why.
 
 #[cfg(test)]
 mod tests;
-
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -22,128 +22,11 @@ use crate::convert::{ip_from_bytes, ip_to_bytes, known_enum, port};
 use crate::error::{FieldProblem, Invalid};
 use crate::proto::istio::security as pb;
 
-/// A validated `istio.security.Authorization`: one AuthorizationPolicy as ztunnel enforces it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct XdsAuthorization {
-    /// The policy's name.
-    pub name: Arc<str>,
-    /// The policy's namespace.
-    pub namespace: Arc<str>,
-    /// Which workloads it applies to.
-    pub scope: AuthzScope,
-    /// What it does when it matches.
-    pub action: AuthzAction,
-    /// If set, the decision is logged but not enforced.
-    pub dry_run: bool,
-    /// Its rules; the policy matches if any of them does. (With none, it matches nothing.)
-    pub rules: Vec<AuthzRule>,
-}
-
-impl XdsAuthorization {
-    /// The policy's xDS resource name, `namespace/name`, which is also how workloads list it in their
-    /// `authorization_policies`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
-
-/// Which workloads an [`XdsAuthorization`] applies to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AuthzScope {
-    /// Every workload in the mesh (a policy in the root namespace).
-    Global,
-    /// Every workload in the policy's namespace.
-    Namespace,
-    /// The workloads that list the policy in their `authorization_policies` (a policy with a selector).
-    WorkloadSelector,
-}
-
-/// What a matching [`XdsAuthorization`] does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AuthzAction {
-    /// Allow the connection.
-    Allow,
-    /// Deny the connection.
-    Deny,
-}
-
-/// One rule of a policy: it matches if every clause matches.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuthzRule {
-    /// The clauses (the compiled `from`, `to` and `when` parts).
-    pub clauses: Vec<AuthzClause>,
-}
-
-/// One clause of a rule: it matches if any of its matches does.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuthzClause {
-    /// The alternatives.
-    pub matches: Vec<AuthzMatch>,
-}
-
-/// A set of conditions on a connection. Each kind holds if any positive value matches and no `not_` value
-/// does; the match holds if every kind it sets holds.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AuthzMatch {
-    /// The source identity's namespace.
-    pub namespaces: Vec<StringMatch>,
-    /// Namespaces that must not match.
-    pub not_namespaces: Vec<StringMatch>,
-    /// The source identity's namespace and service account.
-    pub service_accounts: Vec<ServiceAccountMatch>,
-    /// Service accounts that must not match.
-    pub not_service_accounts: Vec<ServiceAccountMatch>,
-    /// The source identity, without `spiffe://` (e.g. `cluster.local/ns/default/sa/client`).
-    pub principals: Vec<StringMatch>,
-    /// Identities that must not match.
-    pub not_principals: Vec<StringMatch>,
-    /// The source IP's ranges.
-    pub source_ips: Vec<IpNet>,
-    /// Source ranges that must not match.
-    pub not_source_ips: Vec<IpNet>,
-    /// The destination IP's ranges.
-    pub destination_ips: Vec<IpNet>,
-    /// Destination ranges that must not match.
-    pub not_destination_ips: Vec<IpNet>,
-    /// The destination ports.
-    pub destination_ports: Vec<u16>,
-    /// Destination ports that must not match.
-    pub not_destination_ports: Vec<u16>,
-}
-
-/// A string condition.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum StringMatch {
-    /// Equal to this.
-    Exact(Arc<str>),
-    /// Starts with this.
-    Prefix(Arc<str>),
-    /// Ends with this.
-    Suffix(Arc<str>),
-    /// Present: any non-empty value.
-    Presence,
-}
-
-impl StringMatch {
-    /// Whether `value` satisfies this condition.
-    pub fn matches(&self, value: &str) -> bool {
-        match self {
-            StringMatch::Exact(exact) => value == &**exact,
-            StringMatch::Prefix(prefix) => value.starts_with(&**prefix),
-            StringMatch::Suffix(suffix) => value.ends_with(&**suffix),
-            StringMatch::Presence => !value.is_empty(),
-        }
-    }
-}
-
-/// A service account in a namespace, in any trust domain.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct ServiceAccountMatch {
-    /// The namespace.
-    pub namespace: Arc<str>,
-    /// The service account.
-    pub service_account: Arc<str>,
-}
+// The types are mesh-policy's, which enforces them; re-exported under the names this crate has always used.
+pub use mesh_policy::l4::{
+    L4Action as AuthzAction, L4Clause as AuthzClause, L4Match as AuthzMatch, L4Policy as XdsAuthorization,
+    L4Rule as AuthzRule, L4Scope as AuthzScope, ServiceAccountMatch, StringMatch,
+};
 
 /// Converts and validates an `istio.security.Authorization`.
 pub fn authorization_from_proto(policy: &pb::Authorization) -> Result<XdsAuthorization, XdsError> {

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use prost::Message;
 use test_case::test_case;
 
@@ -282,5 +284,137 @@ fn policy_errors() {
 fn fuzz_entry_point_survives_garbage() {
     for input in [&b""[..], &[0xff; 8], &[0x2a, 0x02, 0x0a, 0x00], &[0x18, 0x07]] {
         crate::__fuzz::convert_authorization(input);
+    }
+}
+
+#[test]
+fn converted_policies_decide_through_mesh_policy() {
+    use mesh_core::SpiffeId;
+    use mesh_policy::authz::{ConnectionAttrs, Decision};
+    use mesh_policy::{L4PolicySet, L4Target};
+
+    // PROTOCOLS.md 2.2's DENY, as bytes off the wire, and a selector ALLOW for one workload that admits
+    // the 10.0.0.0/8 range on any port but 22.
+    let deny = pb::Authorization {
+        name: "deny-iperf-from-client".into(),
+        namespace: "default".into(),
+        scope: pb::Scope::Namespace.into(),
+        action: pb::Action::Deny.into(),
+        dry_run: false,
+        rules: vec![pb::Rule {
+            clauses: vec![pb::Clause {
+                matches: vec![pb::Match {
+                    destination_ports: vec![5201],
+                    principals: vec![exact("cluster.local/ns/default/sa/client")],
+                    ..Default::default()
+                }],
+            }],
+        }],
+    };
+    let allow = pb::Authorization {
+        name: "allow-internal".into(),
+        namespace: "default".into(),
+        scope: pb::Scope::WorkloadSelector.into(),
+        action: pb::Action::Allow.into(),
+        dry_run: false,
+        rules: vec![pb::Rule {
+            clauses: vec![pb::Clause {
+                matches: vec![pb::Match {
+                    source_ips: vec![cidr("10.0.0.0", 8)],
+                    not_destination_ports: vec![22],
+                    ..Default::default()
+                }],
+            }],
+        }],
+    };
+    let set = L4PolicySet::new([
+        crate::decode_authorization(&deny.encode_to_vec()).unwrap(),
+        authorization_from_proto(&allow).unwrap(),
+    ]);
+    assert_eq!(set.len(), 2);
+
+    let client = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+    let other = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/other").unwrap();
+    let attrs = |source, ip: &str, port| ConnectionAttrs {
+        source,
+        source_ip: ip.parse().unwrap(),
+        destination_ip: "10.0.0.9".parse().unwrap(),
+        destination_port: port,
+        sni: None,
+    };
+    let listed: Vec<Arc<str>> = vec!["default/allow-internal".into()];
+    let server = L4Target {
+        namespace: "default",
+        authorization_policies: &listed,
+    };
+    let unselected = L4Target {
+        namespace: "default",
+        authorization_policies: &[],
+    };
+    let elsewhere = L4Target {
+        namespace: "prod",
+        authorization_policies: &[],
+    };
+    for (target, source, ip, port, decision, text) in [
+        (
+            &server,
+            Some(&client),
+            "10.0.0.1",
+            5201,
+            Decision::Deny,
+            "denied by default/deny-iperf-from-client rule 0",
+        ),
+        (
+            &server,
+            Some(&other),
+            "10.0.0.1",
+            5201,
+            Decision::Allow,
+            "allowed by default/allow-internal rule 0",
+        ),
+        (
+            &server,
+            Some(&client),
+            "10.0.0.1",
+            5202,
+            Decision::Allow,
+            "allowed by default/allow-internal rule 0",
+        ),
+        (
+            &server,
+            Some(&other),
+            "10.0.0.1",
+            22,
+            Decision::Deny,
+            "denied: no ALLOW policy matched (1 applied)",
+        ),
+        (
+            &server,
+            None,
+            "192.0.2.1",
+            80,
+            Decision::Deny,
+            "denied: no ALLOW policy matched (1 applied)",
+        ),
+        (
+            &unselected,
+            None,
+            "192.0.2.1",
+            80,
+            Decision::Allow,
+            "allowed: no ALLOW policy applies and no DENY policy matched (1 applied)",
+        ),
+        (
+            &elsewhere,
+            Some(&client),
+            "10.0.0.1",
+            5201,
+            Decision::Allow,
+            "allowed: no policy applies",
+        ),
+    ] {
+        let evaluation = set.evaluate(target, &attrs(source, ip, port));
+        assert_eq!(evaluation.decision, decision, "{text}");
+        assert_eq!(evaluation.to_string(), text);
     }
 }
