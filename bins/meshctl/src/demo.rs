@@ -1,38 +1,81 @@
 //! `meshctl demo`: the local demo mesh, on loopback.
 //!
-//! Two workloads, `client` and `server`, get short-lived certificates from a development CA through the
-//! caching provider. The server side is an HBONE acceptor (as ztunnel runs on port 15008) that authorizes
-//! each tunnel with an Istio AuthorizationPolicy at L4, then echoes; the client opens tunnels through the
-//! pooled HBONE connector. A long-lived tunnel keeps carrying bytes while both certificates rotate, and the
-//! tunnels the policy refuses are shown with the policy's explanation.
+//! A local control plane (the same delta ADS and Istio CA service istiod offers on port 15012) serves two
+//! workloads, `client` and `server`, and an Istio AuthorizationPolicy from YAML files in a temporary
+//! directory. A node proxy's view is built from it as ztunnel builds its own: an ADS client turns the pushed
+//! resources into a mesh snapshot and a set of L4 policies, and workload certificates (short-lived, so they
+//! rotate) come from the control plane's CA through the caching provider. The server side is an HBONE
+//! acceptor (as ztunnel runs on port 15008) that authorizes each tunnel with the pushed policies and says
+//! why; the client opens tunnels through the pooled HBONE connector. A long-lived tunnel keeps carrying bytes
+//! while both certificates rotate, the tunnels the policy refuses get HBONE 401, and an edit to the policy
+//! file reaches the proxy while it runs.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mesh_core::cert::CachingCertConfig;
+use mesh_core::model::SnapshotPublisher;
 use mesh_core::{CachingCertProvider, DevCa, SpiffeId, TrustDomain, drain, tls};
 use mesh_hbone::headers::{BAGGAGE, Baggage};
 use mesh_hbone::{
     ConnectRequest, HboneAcceptor, HboneConfig, HboneConnector, HboneError, InboundTunnel, TunnelTarget,
 };
-use mesh_policy::authz::{ConnectionAttrs, Enforcement, Request, Target};
-use mesh_policy::{PolicyEngine, PolicySet, resource::parse_resources};
+use mesh_policy::authz::ConnectionAttrs;
+use mesh_policy::{L4PolicySet, L4Target};
+use mesh_xds::client::{AdsClientBuilder, Watch, ZtunnelNode, publish_snapshots};
+use mesh_xds::server::{Server, ServerConfig};
+use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
+use mesh_xds::{IstioCaConfig, IstioCaSigner, XdsAddress, XdsAuthorization};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-/// The demo's policy: only the `client` service account may reach the server, and only on port 8080.
-const POLICY: &str = r#"
-apiVersion: security.istio.io/v1
+/// The demo's workloads and service, in Istio ztunnel's `LOCAL_XDS` format.
+const MESH: &str = r#"
+workloads:
+- uid: Kubernetes//Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["198.18.0.1"]
+  protocol: HBONE
+  node: node-a
+- uid: Kubernetes//Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  node: node-b
+  services:
+    "default/echo.default.svc.cluster.local": {80: 8080}
+services:
+- name: echo
+  namespace: default
+  hostname: echo.default.svc.cluster.local
+  vips: ["/198.19.0.10"]
+  ports: {80: 8080}
+"#;
+
+/// The demo's policy, as `kubectl get -o yaml` would print it: only the `client` service account may reach
+/// the server, and only on the ports listed.
+fn policy(ports: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
-metadata: {name: allow-client, namespace: default}
+metadata: {{name: allow-client, namespace: default}}
 spec:
   action: ALLOW
   rules:
-  - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
-    to: [{operation: {ports: ["8080"]}}]
-"#;
+  - from: [{{source: {{principals: ["cluster.local/ns/default/sa/client"]}}}}]
+    to: [{{operation: {{ports: [{ports}]}}}}]
+"#
+    )
+}
+
+const SERVER_UID: &str = "Kubernetes//Pod/default/server";
 
 /// Options of `meshctl demo`.
 #[derive(Debug, clap::Args)]
@@ -47,12 +90,88 @@ pub(crate) struct DemoArgs {
 
 pub(crate) type DemoResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+/// A directory removed when the demo ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let td = TrustDomain::new("cluster.local")?;
-    let ca = DevCa::new(td.clone(), args.cert_lifetime)?;
-    println!("CA       development root for trust domain {td}");
+    let dir = TempDir(std::env::temp_dir().join(format!("meshkit-demo-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0)?;
+    std::fs::write(dir.0.join("mesh.yaml"), MESH)?;
+    std::fs::write(dir.0.join("policy.yaml"), policy("\"8080\""))?;
+
+    // The control plane, as istiod: ADS and CA on one TLS port, fed from the files.
+    let ca = Arc::new(DevCa::new(td.clone(), args.cert_lifetime)?);
+    let mut config = ServerConfig::new(&dir.0);
+    config.listen = "127.0.0.1:0".parse()?;
+    config.poll_interval = Duration::from_millis(100);
+    let control_plane = Server::start(config, ca).await?;
+    let served = control_plane.config();
+    println!(
+        "control  local control plane at {} serving {} workloads, {} service and {} policy from {}",
+        control_plane.url(),
+        served.workloads.len(),
+        served.services.len(),
+        served.policies.len(),
+        dir.0.display()
+    );
+
+    // The node proxy's view, over delta ADS.
+    let grpc = GrpcClientConfig::new(control_plane.url())
+        .with_roots_pem(control_plane.root_pem().as_bytes().to_vec());
+    let credentials =
+        CallCredentials::bearer(TokenSource::Literal("demo-token".into()))?.with_cluster_id("Kubernetes")?;
+    let node = ZtunnelNode {
+        pod_name: "ztunnel-demo".into(),
+        pod_namespace: "istio-system".into(),
+        node_name: "node-b".into(),
+        ..ZtunnelNode::default()
+    };
+    let mut builder = AdsClientBuilder::new(node.to_proto());
+    let addresses = builder.watch::<XdsAddress>();
+    let policies = builder.watch::<XdsAuthorization>();
+    let (ads, handle) = builder.build(connect_lazy(&grpc)?, credentials.clone());
+    let (stop_ads, ads_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ads_task = tokio::spawn(ads.run(async move {
+        let _ = ads_stopped.await;
+    }));
+    let snapshots = SnapshotPublisher::new();
+    let mesh = snapshots.subscribe();
+    tokio::spawn(publish_snapshots(addresses, snapshots));
+    let policy_set = follow_policies(policies);
+    tokio::time::timeout(Duration::from_secs(10), handle.wait_ready()).await??;
+    // Ready means the ADS client holds the first push; the snapshot and the policy set are derived from it
+    // by their own tasks, so wait for them to catch up with what the control plane serves.
+    let (mut mesh_changes, mut policy_changes) = (mesh.clone(), policy_set.clone());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while mesh_changes.current().workload_count() < served.workloads.len() {
+            mesh_changes.changed().await;
+        }
+        let _ = policy_changes
+            .wait_for(|set| set.len() == served.policies.len())
+            .await;
+    })
+    .await?;
+    let received = policy_set.borrow().clone();
+    let names: Vec<String> = received.iter().map(|policy| policy.key()).collect();
+    println!(
+        "xds      ready: {} workloads, {} services and {} L4 policy ({}) received",
+        mesh.current().workload_count(),
+        mesh.current().service_count(),
+        received.len(),
+        names.join(", ")
+    );
+
+    // Certificates from the control plane's CA.
+    let signer = IstioCaSigner::new(connect_lazy(&grpc)?, credentials, IstioCaConfig::default());
     let provider = CachingCertProvider::new(
-        Arc::new(ca),
+        Arc::new(signer),
         CachingCertConfig {
             validity: args.cert_lifetime,
             ..CachingCertConfig::default()
@@ -65,23 +184,19 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let mut client_cert = provider.fetch(&client_id).await?;
     for cert in [&client_cert, &server_cert] {
         println!(
-            "cert     {} valid for {}",
+            "cert     {} issued by the control plane's CA, valid for {}",
             cert.identity(),
             describe_life(&cert.current())
         );
     }
 
-    let parsed = parse_resources(POLICY)?;
-    let engine = PolicyEngine::fixed(PolicySet::compile(
-        parsed.authorization_policies(),
-        "istio-system",
-    )?);
-    println!("policy   default/allow-client: ALLOW {client_id} to port 8080");
-
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server_tls = tls::server_config(server_cert, vec![td.clone()])?;
-    let service = tower::service_fn(move |tunnel: InboundTunnel| serve(tunnel, engine.clone()));
+    let service = {
+        let (mesh, policy_set) = (mesh.clone(), policy_set.clone());
+        tower::service_fn(move |tunnel: InboundTunnel| serve(tunnel, mesh.clone(), policy_set.clone()))
+    };
     let (_drain, watch) = drain::channel();
     tokio::spawn(HboneAcceptor::new(HboneConfig::default(), server_tls, service).serve(listener, watch));
     println!("server   {server_id}: HBONE acceptor on {addr} (mutual TLS 1.3, HTTP/2 CONNECT)");
@@ -139,35 +254,91 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
             Err(other) => return Err(other.into()),
         }
     }
+    // The policy changes while everything runs: the edit is pushed, and the next tunnel is decided by it.
+    std::fs::write(dir.0.join("policy.yaml"), policy("\"8080\", \"9090\""))?;
+    println!("edit     policy.yaml now allows ports 8080 and 9090");
+    let mut pushed = policy_set.clone();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        pushed.wait_for(|set| {
+            set.get("default/allow-client").is_some_and(|p| {
+                p.rules
+                    .iter()
+                    .flat_map(|r| &r.clauses)
+                    .flat_map(|c| &c.matches)
+                    .any(|m| m.destination_ports.contains(&9090))
+            })
+        }),
+    )
+    .await??;
+    let mut stream = BufReader::new(connector.connect(request(&client_id, 9090)).await?);
+    stream.get_mut().write_all(b"hello on 9090\n").await?;
+    let mut reply = String::new();
+    stream.read_line(&mut reply).await?;
+    println!(
+        "xds      the new policy arrived; {client_id} -> 127.0.0.1:9090 now opens: got \"{}\"",
+        reply.trim_end()
+    );
+    drop(stream);
     println!(
         "done     {pings} round trips on one tunnel across {rotations} certificate rotation(s); {} HBONE \
-         connection(s) opened (pooled per source identity); xDS and the ztunnel binary join this demo as they land",
+         connection(s) opened (pooled per source identity); the ztunnel binary joins this demo as it lands",
         connector.stats().handshakes
     );
+    // The node proxy goes first, so it does not see its control plane vanish.
+    let _ = stop_ads.send(());
+    let _ = ads_task.await;
+    control_plane.shutdown().await;
     Ok(())
 }
 
-/// The server side of each tunnel: authorize at L4 as ztunnel does, then echo lines.
-async fn serve(tunnel: InboundTunnel, engine: PolicyEngine) -> Result<(), Infallible> {
+/// Keeps an up-to-date [`L4PolicySet`] built from the pushed `Authorization` resources.
+fn follow_policies(mut policies: Watch<XdsAuthorization>) -> watch::Receiver<Arc<L4PolicySet>> {
+    let (tx, rx) = watch::channel(Arc::new(L4PolicySet::default()));
+    tokio::spawn(async move {
+        let mut current = policies.current();
+        loop {
+            let set = L4PolicySet::new(current.iter().map(|(_, policy)| policy.clone()));
+            if tx.send(Arc::new(set)).is_err() {
+                return;
+            }
+            match policies.changed().await {
+                Some(next) => current = next,
+                None => return,
+            }
+        }
+    });
+    rx
+}
+
+/// The server side of each tunnel: authorize at L4 with the pushed policies, as ztunnel does, then echo
+/// lines.
+async fn serve(
+    tunnel: InboundTunnel,
+    mesh: mesh_core::model::SnapshotReceiver,
+    policies: watch::Receiver<Arc<L4PolicySet>>,
+) -> Result<(), Infallible> {
     let port = tunnel.target().port();
     let destination_ip = match tunnel.target() {
         TunnelTarget::Addr(addr) => addr.ip(),
         TunnelTarget::Host { .. } => tunnel.local_addr().ip(),
     };
-    let labels = BTreeMap::new();
-    let evaluation = engine.evaluate(
-        &Target {
-            namespace: "default",
-            labels: &labels,
-            enforcement: Enforcement::Ztunnel,
-        },
-        &Request::l4(ConnectionAttrs {
+    let snapshot = mesh.current();
+    let Some(workload) = snapshot.workload_by_uid(SERVER_UID) else {
+        // Fail closed: without the destination's policy binding there is no decision to make.
+        tunnel.reject(http::StatusCode::SERVICE_UNAVAILABLE);
+        return Ok(());
+    };
+    let policies = policies.borrow().clone();
+    let evaluation = policies.evaluate(
+        &L4Target::from(&**workload),
+        &ConnectionAttrs {
             source: Some(tunnel.peer_identity()),
             source_ip: tunnel.peer_addr().ip(),
             destination_ip,
             destination_port: port,
             sni: None,
-        }),
+        },
     );
     let peer = tunnel.peer_identity().clone();
     println!("server   {peer} -> port {port}: {evaluation}");
