@@ -167,7 +167,8 @@ pub mod __fuzz {
     }
 
     /// Decodes `bytes` as an `istio.security.Authorization` and converts it, with the same round-trip
-    /// check as [`convert_address`].
+    /// check as [`convert_address`]; then evaluates it, as ztunnel would, for a connection with and
+    /// without a peer identity (an evaluation must never panic).
     pub fn convert_authorization(bytes: &[u8]) {
         let Ok(policy) = crate::decode_authorization(bytes) else {
             return;
@@ -178,5 +179,27 @@ pub mod __fuzz {
             Some(&policy),
             "round trip changed {policy:?}: {again:?}"
         );
+        let key: std::sync::Arc<str> = policy.key().into();
+        let namespace = policy.namespace.clone();
+        let set = mesh_policy::L4PolicySet::new([policy]);
+        let listed = [key];
+        let target = mesh_policy::L4Target {
+            namespace: &namespace,
+            authorization_policies: &listed,
+        };
+        let peer = mesh_core::SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").ok();
+        for source in [peer.as_ref(), None] {
+            let evaluation = set.evaluate(
+                &target,
+                &mesh_policy::authz::ConnectionAttrs {
+                    source,
+                    source_ip: std::net::IpAddr::from([10, 0, 0, 1]),
+                    destination_ip: std::net::IpAddr::from([10, 0, 0, 2]),
+                    destination_port: 8080,
+                    sni: None,
+                },
+            );
+            let _ = evaluation.to_string();
+        }
     }
 }
