@@ -9,6 +9,10 @@
 //!   [`Route`] (passthrough, plain TCP, HBONE direct or via a waypoint, double HBONE across networks),
 //!   with injectable endpoint picking ([`EndpointPicker`]).
 //!
+//! - [`telemetry`]: the [`telemetry::ConnectionRecord`] each proxied connection carries (labels, live byte
+//!   counters) and the [`telemetry::ConnectionObserver`]s told when it opens and closes (metrics, logs).
+//! - [`forward`]: [`forward::copy_bidirectional`], moving bytes both ways with half-close and counting.
+//!
 //! The rest of the node proxy (issue "ztunnel") is being built.
 //!
 //! ## Example
@@ -45,6 +49,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod forward;
 pub mod outbound;
+pub mod telemetry;
 
 pub use outbound::{EndpointPicker, HboneKind, Route, RouteError, RouteInput, route};
