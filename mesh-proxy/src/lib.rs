@@ -12,6 +12,7 @@
 //! - [`telemetry`]: the [`telemetry::ConnectionRecord`] each proxied connection carries (labels, live byte
 //!   counters) and the [`telemetry::ConnectionObserver`]s told when it opens and closes (metrics, logs).
 //! - [`forward`]: [`forward::copy_bidirectional`], moving bytes both ways with half-close and counting.
+//! - [`state`]: [`state::ProxyState`], the snapshot and policies the proxies decide with.
 //!
 //! The rest of the node proxy (issue "ztunnel") is being built.
 //!
@@ -51,6 +52,7 @@
 
 pub mod forward;
 pub mod outbound;
+pub mod state;
 pub mod telemetry;
 
 pub use outbound::{EndpointPicker, HboneKind, Route, RouteError, RouteInput, route};
