@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::{DevCa, SpiffeId, TrustDomain};
-use mesh_xds::ca::Caller;
+use mesh_xds::ca::{Caller, ClientCertAuthenticator, StaticTokens};
 use mesh_xds::server::{ClientAuth, Server, ServerConfig};
 
 use crate::demo::{DemoResult, parse_duration};
@@ -42,6 +42,11 @@ pub(crate) struct ControlPlaneArgs {
     /// Longest workload certificate the CA issues.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_cert_lifetime: Duration,
+    /// Accept this bearer token for a caller, as `TOKEN=SPIFFE_ID` or `TOKEN=SPIFFE_ID@NODE` (a node proxy
+    /// on NODE); repeatable. With any `--token`, only these tokens (and client certificates from this CA)
+    /// are accepted, from any address: the way to serve proxies in other network namespaces or machines.
+    #[arg(long = "token", value_name = "TOKEN=SPIFFE_ID[@NODE]", value_parser = parse_token)]
+    tokens: Vec<(String, Caller)>,
     /// How often the configuration is checked for changes.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     poll_interval: Duration,
@@ -58,11 +63,23 @@ pub(crate) async fn run(args: ControlPlaneArgs) -> DemoResult<()> {
     config.local.trust_domain = trust_domain.clone();
     let ztunnel = SpiffeId::istio(&trust_domain, "istio-system", "ztunnel")?;
     config.impersonators = vec![ztunnel.clone()];
-    config.auth = ClientAuth::DevLoopback {
-        node_proxy: args
-            .ztunnel_node
-            .as_ref()
-            .map(|node| Caller::new(ztunnel.clone()).on_node(node.clone())),
+    let dev_mode = args.tokens.is_empty();
+    config.auth = if dev_mode {
+        ClientAuth::DevLoopback {
+            node_proxy: args
+                .ztunnel_node
+                .as_ref()
+                .map(|node| Caller::new(ztunnel.clone()).on_node(node.clone())),
+        }
+    } else {
+        let mut tokens = StaticTokens::new();
+        for (token, caller) in &args.tokens {
+            tokens.insert(token.clone(), caller.clone());
+        }
+        ClientAuth::Authenticators(vec![
+            Arc::new(tokens),
+            Arc::new(ClientCertAuthenticator::for_ca(&ca)?),
+        ])
     };
     let server = Server::start(config, ca.clone()).await?;
     if let Some(path) = &args.root_cert_out {
@@ -98,4 +115,27 @@ async fn wait_for_signal() -> DemoResult<()> {
         _ = terminate.recv() => {}
     }
     Ok(())
+}
+
+/// Parses `TOKEN=SPIFFE_ID` or `TOKEN=SPIFFE_ID@NODE`.
+fn parse_token(text: &str) -> Result<(String, Caller), String> {
+    let (token, caller) = text
+        .split_once('=')
+        .ok_or_else(|| "expected TOKEN=SPIFFE_ID[@NODE]".to_owned())?;
+    if token.trim().is_empty() {
+        return Err("the token is empty".to_owned());
+    }
+    let (identity, node) = match caller.rsplit_once('@') {
+        Some((identity, node)) if !node.is_empty() => (identity, Some(node)),
+        _ => (caller, None),
+    };
+    let identity = SpiffeId::parse(identity).map_err(|e| e.to_string())?;
+    let caller = Caller::new(identity);
+    Ok((
+        token.to_owned(),
+        match node {
+            Some(node) => caller.on_node(node),
+            None => caller,
+        },
+    ))
 }

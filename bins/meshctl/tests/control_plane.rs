@@ -32,6 +32,25 @@ services:
 
 #[tokio::test]
 async fn serves_a_config_file_until_sigterm() {
+    scenario(&["--ztunnel-node", "node-a"], "dev", None).await;
+}
+
+#[tokio::test]
+async fn with_static_tokens_only_those_tokens_are_accepted() {
+    scenario(
+        &[
+            "--token",
+            "s3cret=spiffe://cluster.local/ns/istio-system/sa/ztunnel@node-a",
+        ],
+        "s3cret",
+        Some("guess"),
+    )
+    .await;
+}
+
+/// Runs `meshctl control-plane` with `extra` arguments, reads it with `token` (and, if given, checks that
+/// `refused` is turned away), and stops it with SIGTERM.
+async fn scenario(extra: &[&str], token: &str, refused: Option<&str>) {
     let dir = std::env::temp_dir().join(format!("meshctl-cp-{}-{}", std::process::id(), unique_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("mesh.yaml");
@@ -39,13 +58,8 @@ async fn serves_a_config_file_until_sigterm() {
     std::fs::write(&config, CONFIG).unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args([
-            "control-plane",
-            "--listen",
-            "127.0.0.1:0",
-            "--ztunnel-node",
-            "node-a",
-        ])
+        .args(["control-plane", "--listen", "127.0.0.1:0"])
+        .args(extra)
         .arg("--config")
         .arg(&config)
         .arg("--root-cert-out")
@@ -75,10 +89,34 @@ async fn serves_a_config_file_until_sigterm() {
     assert!(url.starts_with("https://localhost:"), "{line}");
 
     let roots = std::fs::read(&root).unwrap();
-    let channel = connect_lazy(&GrpcClientConfig::new(url).with_roots_pem(roots)).unwrap();
+    let grpc = GrpcClientConfig::new(url).with_roots_pem(roots);
+    if let Some(refused) = refused {
+        let mut builder = AdsClientBuilder::new(ZtunnelNode::default().to_proto());
+        let _addresses = builder.watch::<XdsAddress>();
+        let credentials = CallCredentials::bearer(TokenSource::Literal(refused.into())).unwrap();
+        let (client, handle) = builder.build(connect_lazy(&grpc).unwrap(), credentials);
+        let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(client.run(async {
+            let _ = stopped.await;
+        }));
+        let mut status = handle.status_watch();
+        let status = tokio::time::timeout(
+            Duration::from_secs(20),
+            status.wait_for(|s| s.last_error.is_some()),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .clone();
+        assert!(
+            status.last_error.as_deref().unwrap().contains("Unauthenticated"),
+            "{status:?}"
+        );
+    }
+    let channel = connect_lazy(&grpc).unwrap();
     let mut builder = AdsClientBuilder::new(ZtunnelNode::default().to_proto());
     let mut addresses = builder.watch::<XdsAddress>();
-    let credentials = CallCredentials::bearer(TokenSource::Literal("dev".into())).unwrap();
+    let credentials = CallCredentials::bearer(TokenSource::Literal(token.into())).unwrap();
     let (client, handle) = builder.build(channel, credentials);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(client.run(async {
