@@ -1,44 +1,35 @@
 //! `ztunnel`: meshkit's node proxy. It reads Istio ztunnel's environment variables and flags (see
-//! `shared/PROTOCOLS.md` 2.1) and runs the proxy composed in `mesh-proxy`.
+//! `config`) and runs the proxy composed in `mesh-proxy`.
 //!
-//! The proxy itself lands with the ztunnel issue; until then this binary checks its identity settings and
-//! refuses to start, saying so, rather than pretending to proxy.
+//! The data path is being composed (the ztunnel issue); until it is, this binary checks its whole
+//! configuration and refuses to start, saying so, rather than pretending to proxy.
 #![forbid(unsafe_code)]
+
+mod config;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use mesh_core::{SpiffeId, TrustDomain};
-
-/// meshkit ztunnel: the ambient-mode node proxy (L4, HBONE on port 15008).
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
-    /// Trust domain of the workloads this proxy serves.
-    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
-    trust_domain: String,
-    /// Namespace of ztunnel's own pod.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
-    pod_namespace: String,
-    /// Service account of ztunnel's own pod.
-    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "ztunnel")]
-    service_account: String,
-}
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    let identity = TrustDomain::new(&args.trust_domain)
-        .and_then(|td| SpiffeId::istio(&td, &args.pod_namespace, &args.service_account));
-    match identity {
-        Ok(id) => {
+    let args = config::Args::parse();
+    match config::Config::from_args(args) {
+        Ok(config) => {
             eprintln!(
-                "ztunnel: identity {id} is valid, but the node proxy is not built yet (see the ztunnel issue); \
-                 refusing to start instead of running without a data path"
+                "ztunnel: configuration valid (identity {} in trust domain {}, cluster {}, {:?} mode, config from \
+                 {:?}, certificates from {:?}), but the node proxy is not composed yet (see the ztunnel issue); \
+                 refusing to start instead of running without a data path",
+                config.own_identity,
+                config.trust_domain,
+                config.args.cluster_id,
+                config.mode,
+                config.source,
+                config.certs
             );
             ExitCode::from(2)
         }
-        Err(e) => {
-            eprintln!("ztunnel: {e}");
+        Err(error) => {
+            eprintln!("ztunnel: invalid configuration: {error}");
             ExitCode::from(2)
         }
     }

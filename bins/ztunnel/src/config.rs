@@ -1,0 +1,483 @@
+//! ztunnel's configuration: Istio ztunnel's environment variables (the same names, so a Deployment written
+//! for theirs works with ours), each also a flag, parsed and checked here and nowhere else (DESIGN.md
+//! principle 4). An invalid value stops the process with a message that names the variable.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_core::{SpiffeId, TrustDomain};
+
+/// meshkit ztunnel: the ambient-mode node proxy (L4; HBONE on port 15008). Every option is also read from
+/// the environment variable in its name, as Istio's ztunnel reads it.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub(crate) struct Args {
+    /// The xDS server (istiod) as `https://host:port`; an empty value disables xDS (then LOCAL_XDS_PATH or
+    /// LOCAL_XDS must give the configuration).
+    #[arg(long, env = "XDS_ADDRESS", value_name = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// The Istio CA as `https://host:port` (default: the xDS address).
+    #[arg(long, env = "CA_ADDRESS", value_name = "CA_ADDRESS")]
+    pub ca_address: Option<String>,
+    /// Root certificate(s) that sign istiod's serving certificate: a PEM file path or PEM text.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        value_name = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub xds_root_ca: String,
+    /// Root certificate(s) for the CA's serving certificate (default: XDS_ROOT_CA).
+    #[arg(long, env = "CA_ROOT_CA", value_name = "CA_ROOT_CA")]
+    pub ca_root_ca: Option<String>,
+    /// TLS name to verify istiod's certificate against instead of the address's host.
+    #[arg(long, env = "ALT_XDS_HOSTNAME", value_name = "ALT_XDS_HOSTNAME")]
+    pub alt_xds_hostname: Option<String>,
+    /// TLS name to verify the CA's certificate against instead of the address's host.
+    #[arg(long, env = "ALT_CA_HOSTNAME", value_name = "ALT_CA_HOSTNAME")]
+    pub alt_ca_hostname: Option<String>,
+    /// The bearer token for xDS and the CA: a file path (re-read on every use, as tokens rotate) or the
+    /// token itself.
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        value_name = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    pub auth_token: String,
+    /// Static configuration file (Istio ztunnel's LOCAL_XDS_PATH format), reloaded when it changes.
+    #[arg(long, env = "LOCAL_XDS_PATH", value_name = "LOCAL_XDS_PATH")]
+    pub local_xds_path: Option<PathBuf>,
+    /// Static configuration given inline, in the same format.
+    #[arg(long, env = "LOCAL_XDS", value_name = "LOCAL_XDS")]
+    pub local_xds: Option<String>,
+    /// A SPIFFE Workload API socket (`unix:///path`) to take certificates from instead of the Istio CA.
+    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_name = "SPIFFE_ENDPOINT_SOCKET")]
+    pub spiffe_endpoint_socket: Option<String>,
+    /// Cluster id, sent to istiod and used in workload uids.
+    #[arg(
+        long,
+        env = "CLUSTER_ID",
+        value_name = "CLUSTER_ID",
+        default_value = "Kubernetes"
+    )]
+    pub cluster_id: String,
+    /// Trust domain of the workloads this proxy serves.
+    #[arg(
+        long,
+        env = "TRUST_DOMAIN",
+        value_name = "TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+    /// The Kubernetes node this proxy serves.
+    #[arg(long, env = "NODE_NAME", value_name = "NODE_NAME", default_value = "")]
+    pub node_name: String,
+    /// ztunnel's own pod name.
+    #[arg(long, env = "POD_NAME", value_name = "POD_NAME", default_value = "")]
+    pub pod_name: String,
+    /// ztunnel's own namespace.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        value_name = "POD_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    pub pod_namespace: String,
+    /// ztunnel's own service account.
+    #[arg(
+        long,
+        env = "SERVICE_ACCOUNT",
+        value_name = "SERVICE_ACCOUNT",
+        default_value = "ztunnel"
+    )]
+    pub service_account: String,
+    /// ztunnel's own pod IP, sent to istiod.
+    #[arg(long, env = "INSTANCE_IP", value_name = "INSTANCE_IP")]
+    pub instance_ip: Option<IpAddr>,
+    /// `shared`: one proxy for the node's workloads; `dedicated`: one workload (PROXY_WORKLOAD_INFO),
+    /// capturing in the proxy's own network namespace.
+    #[arg(long, env = "PROXY_MODE", value_name = "PROXY_MODE", default_value = "shared")]
+    pub proxy_mode: String,
+    /// In dedicated mode, the workload served, as `namespace/name/serviceAccount`.
+    #[arg(long, env = "PROXY_WORKLOAD_INFO", value_name = "PROXY_WORKLOAD_INFO")]
+    pub proxy_workload_info: Option<String>,
+    /// Lifetime asked for workload certificates (renewed at half life).
+    #[arg(long, env = "SECRET_TTL", value_name = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub secret_ttl: Duration,
+    /// Serve SOCKS5 on 127.0.0.1:15080.
+    #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", value_name = "UNSTABLE_ENABLE_SOCKS5", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enable_socks5: bool,
+    /// Listen on `[::]` rather than `0.0.0.0`.
+    #[arg(long, env = "IPV6_ENABLED", value_name = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ipv6_enabled: bool,
+    /// How long connections may finish after SIGTERM before they are closed.
+    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS", value_name = "TERMINATION_GRACE_PERIOD_SECONDS", default_value = "5s", value_parser = parse_duration)]
+    pub drain_deadline: Duration,
+    /// Most streams per pooled HBONE connection before another is opened.
+    #[arg(
+        long,
+        env = "POOL_MAX_STREAMS_PER_CONNECTION",
+        value_name = "POOL_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub pool_max_streams: u32,
+    /// Idle pooled HBONE connections close after this.
+    #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", value_name = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// Worker threads of the data path runtime (default: max(2, a quarter of the cores)).
+    #[arg(long, env = "ZTUNNEL_WORKER_THREADS", value_name = "ZTUNNEL_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+}
+
+/// How the proxy serves workloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ProxyMode {
+    /// One proxy for every workload on `NODE_NAME`, found by source address.
+    Shared,
+    /// One workload, in the proxy's own network namespace.
+    Dedicated {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Its service account.
+        service_account: String,
+    },
+}
+
+/// Where workloads, services and policies come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConfigSource {
+    /// Delta ADS from istiod (or `meshctl control-plane`).
+    Xds {
+        /// `https://host:port`.
+        address: String,
+    },
+    /// A watched file.
+    File(PathBuf),
+    /// Inline YAML.
+    Inline(String),
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CertSource {
+    /// The Istio CA over gRPC.
+    IstioCa {
+        /// `https://host:port`.
+        address: String,
+    },
+    /// A SPIFFE Workload API socket.
+    Spiffe {
+        /// `unix:///path`.
+        endpoint: String,
+    },
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub args: Args,
+    pub mode: ProxyMode,
+    pub source: ConfigSource,
+    pub certs: CertSource,
+    pub trust_domain: TrustDomain,
+    pub own_identity: SpiffeId,
+}
+
+/// Why the configuration was refused; names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {reason}")]
+pub(crate) struct ConfigError {
+    variable: &'static str,
+    reason: String,
+}
+
+fn invalid(variable: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Checks the arguments as a whole.
+    pub(crate) fn from_args(args: Args) -> Result<Config, ConfigError> {
+        let trust_domain =
+            TrustDomain::new(&args.trust_domain).map_err(|e| invalid("TRUST_DOMAIN", e.to_string()))?;
+        let own_identity = SpiffeId::istio(&trust_domain, &args.pod_namespace, &args.service_account)
+            .map_err(|e| invalid("SERVICE_ACCOUNT", format!("ztunnel's own identity: {e}")))?;
+        let mode = match args.proxy_mode.as_str() {
+            "shared" => {
+                if args.node_name.is_empty() {
+                    return Err(invalid(
+                        "NODE_NAME",
+                        "shared mode serves the workloads of a node: set NODE_NAME",
+                    ));
+                }
+                ProxyMode::Shared
+            }
+            "dedicated" => {
+                let info = args.proxy_workload_info.as_deref().ok_or_else(|| {
+                    invalid(
+                        "PROXY_WORKLOAD_INFO",
+                        "dedicated mode needs namespace/name/serviceAccount",
+                    )
+                })?;
+                let parts: Vec<&str> = info.split('/').collect();
+                let [namespace, name, service_account] = parts.as_slice() else {
+                    return Err(invalid(
+                        "PROXY_WORKLOAD_INFO",
+                        format!("{info:?} is not namespace/name/serviceAccount"),
+                    ));
+                };
+                if [namespace, name, service_account]
+                    .iter()
+                    .any(|part| part.is_empty())
+                {
+                    return Err(invalid(
+                        "PROXY_WORKLOAD_INFO",
+                        format!("{info:?} has an empty part"),
+                    ));
+                }
+                SpiffeId::istio(&trust_domain, namespace, service_account)
+                    .map_err(|e| invalid("PROXY_WORKLOAD_INFO", e.to_string()))?;
+                ProxyMode::Dedicated {
+                    namespace: (*namespace).to_owned(),
+                    name: (*name).to_owned(),
+                    service_account: (*service_account).to_owned(),
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "PROXY_MODE",
+                    format!("{other:?} is neither \"shared\" nor \"dedicated\""),
+                ));
+            }
+        };
+        let xds = args
+            .xds_address
+            .clone()
+            .filter(|address| !address.trim().is_empty());
+        let source = match (&xds, &args.local_xds_path, &args.local_xds) {
+            (_, Some(_), Some(_)) => {
+                return Err(invalid(
+                    "LOCAL_XDS_PATH",
+                    "LOCAL_XDS_PATH and LOCAL_XDS are mutually exclusive",
+                ));
+            }
+            (Some(_), Some(_), None) | (Some(_), None, Some(_)) => {
+                return Err(invalid(
+                    "XDS_ADDRESS",
+                    "set either XDS_ADDRESS or a local configuration (LOCAL_XDS_PATH / LOCAL_XDS), not both",
+                ));
+            }
+            (Some(address), None, None) => ConfigSource::Xds {
+                address: check_url("XDS_ADDRESS", address)?,
+            },
+            (None, Some(path), None) => ConfigSource::File(path.clone()),
+            (None, None, Some(inline)) => ConfigSource::Inline(inline.clone()),
+            (None, None, None) => {
+                return Err(invalid(
+                    "XDS_ADDRESS",
+                    "no configuration source: set XDS_ADDRESS, LOCAL_XDS_PATH or LOCAL_XDS",
+                ));
+            }
+        };
+        let certs = match (&args.spiffe_endpoint_socket, &args.ca_address, &xds) {
+            (Some(endpoint), _, _) => CertSource::Spiffe {
+                endpoint: endpoint.clone(),
+            },
+            (None, Some(address), _) => CertSource::IstioCa {
+                address: check_url("CA_ADDRESS", address)?,
+            },
+            (None, None, Some(address)) => CertSource::IstioCa {
+                address: check_url("XDS_ADDRESS", address)?,
+            },
+            (None, None, None) => {
+                return Err(invalid(
+                    "CA_ADDRESS",
+                    "no certificate source: set CA_ADDRESS (or XDS_ADDRESS) or SPIFFE_ENDPOINT_SOCKET",
+                ));
+            }
+        };
+        if args.worker_threads == Some(0) {
+            return Err(invalid("ZTUNNEL_WORKER_THREADS", "must be at least 1"));
+        }
+        if args.pool_max_streams == 0 {
+            return Err(invalid("POOL_MAX_STREAMS_PER_CONNECTION", "must be at least 1"));
+        }
+        Ok(Config {
+            args,
+            mode,
+            source,
+            certs,
+            trust_domain,
+            own_identity,
+        })
+    }
+}
+
+fn check_url(variable: &'static str, value: &str) -> Result<String, ConfigError> {
+    let rest = value
+        .strip_prefix("https://")
+        .or_else(|| value.strip_prefix("http://"))
+        .ok_or_else(|| {
+            invalid(
+                variable,
+                format!("{value:?} must start with https:// (or http://)"),
+            )
+        })?;
+    if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
+        return Err(invalid(variable, format!("{value:?} must be scheme://host:port")));
+    }
+    Ok(value.trim_end_matches('/').to_owned())
+}
+
+/// Parses Go-style durations as Istio's settings use them: `500ms`, `10s`, `5m`, `24h`, or plain seconds.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 10s, 5m, 24h)"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown unit {other:?} in {text:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use test_case::test_case;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        // Tests pass flags only; the environment of the test process is not read for these names
+        // because each flag given on the command line wins over its variable.
+        let mut argv = vec!["ztunnel"];
+        for (flag, value) in [
+            ("--node-name", "node-a"),
+            ("--xds-address", "https://istiod:15012"),
+        ] {
+            if !extra.contains(&flag) {
+                argv.extend([flag, value]);
+            }
+        }
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_are_istios() {
+        let config = Config::from_args(args(&[]).unwrap()).unwrap();
+        assert_eq!(config.mode, ProxyMode::Shared);
+        assert_eq!(
+            config.source,
+            ConfigSource::Xds {
+                address: "https://istiod:15012".into()
+            }
+        );
+        assert_eq!(
+            config.certs,
+            CertSource::IstioCa {
+                address: "https://istiod:15012".into()
+            }
+        );
+        assert_eq!(
+            config.own_identity.as_str(),
+            "spiffe://cluster.local/ns/istio-system/sa/ztunnel"
+        );
+        assert_eq!(config.args.secret_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(config.args.pool_idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.args.pool_max_streams, 100);
+    }
+
+    #[test]
+    fn dedicated_mode_reads_the_workload() {
+        let config = Config::from_args(
+            args(&[
+                "--proxy-mode",
+                "dedicated",
+                "--proxy-workload-info",
+                "default/client-0/client",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.mode,
+            ProxyMode::Dedicated {
+                namespace: "default".into(),
+                name: "client-0".into(),
+                service_account: "client".into()
+            }
+        );
+    }
+
+    #[test_case(&["--proxy-mode", "sidecar"], "PROXY_MODE" ; "unknown mode")]
+    #[test_case(&["--proxy-mode", "dedicated"], "PROXY_WORKLOAD_INFO" ; "dedicated without workload")]
+    #[test_case(&["--proxy-mode", "dedicated", "--proxy-workload-info", "a/b"], "PROXY_WORKLOAD_INFO" ; "two parts")]
+    #[test_case(&["--proxy-mode", "dedicated", "--proxy-workload-info", "a//c"], "PROXY_WORKLOAD_INFO" ; "empty part")]
+    #[test_case(&["--trust-domain", "Bad Domain"], "TRUST_DOMAIN" ; "bad trust domain")]
+    #[test_case(&["--xds-address", "istiod:15012"], "XDS_ADDRESS" ; "address without scheme")]
+    #[test_case(&["--ca-address", "ftp://ca"], "CA_ADDRESS" ; "ca address with another scheme")]
+    #[test_case(&["--local-xds-path", "/x", "--local-xds", "y"], "LOCAL_XDS_PATH" ; "two local sources")]
+    #[test_case(&["--local-xds-path", "/x", "--xds-address", "https://istiod:15012"], "XDS_ADDRESS" ; "xds and a local source")]
+    #[test_case(&["--node-name", ""], "NODE_NAME" ; "shared mode without node")]
+    #[test_case(&["--pool-max-streams", "0"], "POOL_MAX_STREAMS_PER_CONNECTION" ; "zero streams")]
+    #[test_case(&["--worker-threads", "0"], "ZTUNNEL_WORKER_THREADS" ; "zero workers")]
+    fn refusals_name_the_variable(extra: &[&str], variable: &str) {
+        let error = Config::from_args(args(extra).unwrap()).unwrap_err();
+        assert!(error.to_string().starts_with(&format!("{variable}: ")), "{error}");
+    }
+
+    #[test]
+    fn an_empty_xds_address_disables_xds() {
+        let config = Config::from_args(
+            args(&[
+                "--xds-address",
+                "",
+                "--local-xds-path",
+                "/etc/mesh.yaml",
+                "--ca-address",
+                "https://ca:15012",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(config.source, ConfigSource::File("/etc/mesh.yaml".into()));
+        assert_eq!(
+            config.certs,
+            CertSource::IstioCa {
+                address: "https://ca:15012".into()
+            }
+        );
+    }
+
+    #[test_case("500ms" => Ok(Duration::from_millis(500)))]
+    #[test_case("10s" => Ok(Duration::from_secs(10)))]
+    #[test_case("5m" => Ok(Duration::from_secs(300)))]
+    #[test_case("24h" => Ok(Duration::from_secs(86_400)))]
+    #[test_case("7" => Ok(Duration::from_secs(7)))]
+    fn durations(text: &str) -> Result<Duration, String> {
+        parse_duration(text)
+    }
+
+    #[test]
+    fn bad_durations_and_flags_are_refused_by_clap_naming_the_variable() {
+        assert!(parse_duration("10 parsecs").is_err());
+        let error = args(&["--secret-ttl", "forever"]).unwrap_err().to_string();
+        assert!(error.contains("SECRET_TTL"), "{error}");
+    }
+}
