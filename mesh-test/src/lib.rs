@@ -5,6 +5,8 @@
 //! ## Layout
 //! - [`TestPki`]: a development CA for one trust domain that issues Istio identities in one call.
 //! - [`tls_pair`]: a mutual-TLS client and server connected over real loopback TCP.
+//! - [`netns`]: network namespaces joined by veth pairs, for end-to-end tests (root only; a test that
+//!   cannot create them fails and says why).
 //!
 //! ## Example
 //! ```
@@ -13,6 +15,8 @@
 //! assert_eq!(cert.identity().as_str(), "spiffe://cluster.local/ns/default/sa/client");
 //! ```
 #![forbid(unsafe_code)]
+
+pub mod netns;
 
 use std::sync::Arc;
 use std::time::Duration;
