@@ -19,8 +19,9 @@
 //! - [`authz`]: [`XdsAuthorization`], a validated Rust form of `istio.security.Authorization`, with
 //!   [`authorization_from_proto`] and [`authorization_to_proto`].
 //! - [`client`]: the delta ADS client ([`client::AdsClientBuilder`], typed [`client::Watch`]es, NACKs
-//!   naming each refused resource, reconnects with `initial_resource_versions`, on-demand lookups) and
-//!   [`client::publish_snapshots`], which turns the `Address` watch into [`mesh_core::model::MeshSnapshot`]s.
+//!   naming the refused resources (up to a size bound), reconnects with `initial_resource_versions`,
+//!   on-demand lookups) and [`client::publish_snapshots`], which turns the `Address` watch into
+//!   [`mesh_core::model::MeshSnapshot`]s.
 //! - [`server`]: the local control plane ([`server::Server`]): the ADS service ([`server::AdsService`])
 //!   and the CA service on one TLS endpoint, fed from watched YAML files.
 //! - [`transport`]: gRPC over rustls for clients ([`transport::connect_lazy`], with the bearer-token

@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use mesh_core::model::{NetworkAddr, Service, ServicePort, TunnelProtocol, Workload};
 use mesh_xds::client::{AdsClientBuilder, AdsConfig, AdsHandle, Backoff, Watch, ZtunnelNode};
+use mesh_xds::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use mesh_xds::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
 use mesh_xds::proto::istio::workload as pb;
 use mesh_xds::server::{
     AdsEvent, AdsLimits, AdsService, ResourcePublisher, ResourceSnapshot, ServedResource, resources_from_mesh,
@@ -546,5 +552,244 @@ async fn the_mesh_snapshot_follows_the_address_resources() {
     })
     .await
     .expect("the snapshot did not follow the removal");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_nack_of_a_large_push_stays_small_enough_for_the_server_to_read() {
+    // Many resources this client cannot decode (as a newer control plane's might be), with long names:
+    // listing them all would make a NACK larger than the server's 4 MiB request limit.
+    const BAD: usize = 30_000;
+    let mut resources = resources_from_mesh(&[workload("good", "198.18.0.1")], &[], &[]);
+    for index in 0..BAD {
+        let name = format!("{index:0>120}");
+        resources.insert(
+            ADDRESS_TYPE_URL,
+            ServedResource::new(name, Vec::new(), vec![0x0a, 0x05, 0x01].into()),
+        );
+    }
+    let publisher = ResourcePublisher::new(resources);
+    let server = TestServer::start(publisher, AdsLimits::default()).await;
+    let mut events = server.service.events();
+    let mut client = start_client(server.addr, false);
+
+    let message = tokio::time::timeout(WAIT, async {
+        loop {
+            if let AdsEvent::Nack { message, .. } = events.recv().await.unwrap() {
+                return message;
+            }
+        }
+    })
+    .await
+    .expect("the server never read the NACK");
+    assert!(
+        message.len() <= mesh_xds::client::MAX_NACK_DETAIL_BYTES + 64,
+        "{} bytes",
+        message.len()
+    );
+    assert!(
+        message.starts_with("000000"),
+        "{}",
+        &message[..message.len().min(200)]
+    );
+    assert!(
+        message.ends_with(" more refused"),
+        "{}",
+        &message[message.len().saturating_sub(200)..]
+    );
+    until(&mut client.addresses, "the good workload", |r| {
+        r.get("cluster1//v1/Pod/default/good").is_some()
+    })
+    .await;
+    let status = client.handle.status();
+    assert_eq!(status.connects, 1, "the stream was reset: {status:?}");
+    server.stop().await;
+}
+
+/// An ADS server that answers each type's first request with nothing, reports each on-demand
+/// subscription, and answers it (with workload `b` under the demanded alias) only once released.
+#[derive(Clone)]
+struct GatedServer {
+    subscribed: tokio::sync::mpsc::Sender<Vec<String>>,
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+type DeltaStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<DeltaDiscoveryResponse, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for GatedServer {
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<DeltaStream>, tonic::Status> {
+        let mut requests = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let subscribed = self.subscribed.clone();
+        let mut release = self.release.clone();
+        tokio::spawn(async move {
+            let mut nonce = 0u32;
+            while let Ok(Some(request)) = requests.message().await {
+                if !request.response_nonce.is_empty() {
+                    continue;
+                }
+                nonce += 1;
+                let mut response = DeltaDiscoveryResponse {
+                    type_url: request.type_url.clone(),
+                    nonce: nonce.to_string(),
+                    ..Default::default()
+                };
+                if request.node.is_none() {
+                    let names = request.resource_names_subscribe.clone();
+                    let _ = subscribed.send(names.clone()).await;
+                    let _ = release.wait_for(|released| *released).await;
+                    let address = pb::Address {
+                        r#type: Some(pb::address::Type::Workload(mesh_xds::workload_to_proto(
+                            &workload("b", "198.18.0.2"),
+                        ))),
+                    };
+                    response.resources.push(Resource {
+                        name: "cluster1//v1/Pod/default/b".into(),
+                        aliases: names,
+                        version: "1".into(),
+                        resource: Some(prost_types::Any {
+                            type_url: ADDRESS_TYPE_URL.into(),
+                            value: prost::Message::encode_to_vec(&address),
+                        }),
+                        ..Default::default()
+                    });
+                }
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let responses = futures_util::stream::unfold(rx, |mut rx| async move {
+            let item = rx.recv().await?;
+            Some((item, rx))
+        });
+        Ok(tonic::Response::new(Box::pin(responses)))
+    }
+}
+
+#[tokio::test]
+async fn a_second_demand_for_a_pending_name_waits_for_the_answer() {
+    let (subscribed_tx, mut subscribed) = tokio::sync::mpsc::channel(4);
+    let (release_tx, release) = tokio::sync::watch::channel(false);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let gated = GatedServer {
+        subscribed: subscribed_tx,
+        release,
+    };
+    tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(
+        AggregatedDiscoveryServiceServer::new(gated),
+        TcpIncoming::from(listener),
+    ));
+    let client = start_client(addr, true);
+    tokio::time::timeout(WAIT, client.handle.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+
+    let handle = client.handle.clone();
+    let first = tokio::spawn(async move { handle.demand::<XdsAddress>("/198.18.0.2").await });
+    let names = tokio::time::timeout(WAIT, subscribed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(names, ["/198.18.0.2"]);
+
+    // The answer comes a little later, so the second demand reaches the client while the first one is
+    // still pending. (Should it come first instead, the second demand's answer is right either way.)
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = release_tx.send(true);
+    });
+    tokio::time::timeout(WAIT, client.handle.demand::<XdsAddress>("/198.18.0.2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        client
+            .addresses
+            .peek()
+            .get("cluster1//v1/Pod/default/b")
+            .is_some(),
+        "the second demand returned before the control plane answered"
+    );
+    tokio::time::timeout(WAIT, first).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn demanding_a_held_resource_by_its_own_name_is_answered() {
+    let publisher = ResourcePublisher::new(resources_from_mesh(
+        &[workload("a", "198.18.0.1"), workload("b", "198.18.0.2")],
+        &[],
+        &[],
+    ));
+    let server = TestServer::start(publisher, AdsLimits::default()).await;
+    let client = start_client(server.addr, true);
+    tokio::time::timeout(WAIT, client.handle.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    // Held once asked for by address...
+    tokio::time::timeout(WAIT, client.handle.demand::<XdsAddress>("/198.18.0.2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        client
+            .addresses
+            .peek()
+            .get("cluster1//v1/Pod/default/b")
+            .is_some()
+    );
+    // ...then by its name: the control plane must still answer the new subscription.
+    tokio::time::timeout(
+        WAIT,
+        client.handle.demand::<XdsAddress>("cluster1//v1/Pod/default/b"),
+    )
+    .await
+    .expect("the subscription to a held resource was never answered")
+    .unwrap();
+    assert_eq!(client.addresses.peek().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readiness_can_wait_for_the_snapshot_built_from_the_first_push() {
+    let publisher = ResourcePublisher::new(resources_from_mesh(
+        &[workload("a", "198.18.0.1"), workload("b", "198.18.0.2")],
+        &[service("echo", "198.19.0.10")],
+        &[],
+    ));
+    let server = TestServer::start(publisher, AdsLimits::default()).await;
+    let client = start_client(server.addr, false);
+    let snapshots = mesh_core::model::SnapshotPublisher::new();
+    let receiver = snapshots.subscribe();
+    let (built_from, mut published) = tokio::sync::watch::channel(0);
+    tokio::spawn(mesh_xds::client::publish_snapshots_reporting(
+        client.addresses.clone(),
+        snapshots,
+        built_from,
+    ));
+
+    tokio::time::timeout(WAIT, client.handle.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let held = client.addresses.peek().revision();
+    assert!(held > 0);
+    tokio::time::timeout(WAIT, published.wait_for(|revision| *revision >= held))
+        .await
+        .expect("no snapshot from the first push")
+        .unwrap();
+    let snapshot = receiver.current();
+    assert_eq!(snapshot.workload_count(), 2);
+    assert_eq!(snapshot.service_count(), 1);
     server.stop().await;
 }

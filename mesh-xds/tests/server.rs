@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use mesh_core::cert::CachingCertConfig;
 use mesh_core::{CachingCertProvider, DevCa, SpiffeId, TrustDomain};
-use mesh_xds::ca::{Caller, IstioCaConfig, IstioCaSigner};
+use mesh_xds::ca::{Caller, IstioCaConfig, IstioCaSigner, StaticTokens};
 use mesh_xds::client::{AdsClientBuilder, AdsHandle, Watch, ZtunnelNode};
 use mesh_xds::server::{ClientAuth, Server, ServerConfig};
 use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
@@ -298,4 +298,110 @@ fn root_der(pem: &str) -> rustls_pki_types::CertificateDer<'static> {
     let mut certs = mesh_xds::transport::certificates_from_pem(pem.as_bytes()).unwrap();
     assert_eq!(certs.len(), 1);
     certs.remove(0)
+}
+
+#[tokio::test]
+async fn a_node_proxy_with_an_empty_node_name_impersonates_nobody() {
+    let dir = TempDir::new("cp-empty-node");
+    // The server workload's node is not known.
+    std::fs::write(
+        dir.0.join("mesh.yaml"),
+        TWO_WORKLOADS.replace("node: node-b", "node: \"\""),
+    )
+    .unwrap();
+    let mut config = ServerConfig::new(&dir.0);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth = ClientAuth::DevLoopback {
+        node_proxy: Some(Caller::new(id("spiffe://cluster.local/ns/istio-system/sa/ztunnel")).on_node("")),
+    };
+    let server = Server::start(config, ca()).await.unwrap();
+    let channel = connect_lazy(&client_config(&server)).unwrap();
+    let signer = IstioCaSigner::new(
+        channel,
+        dev_token(),
+        IstioCaConfig::default().with_impersonation(true),
+    );
+    let provider = CachingCertProvider::new(Arc::new(signer), CachingCertConfig::default());
+    let refused = tokio::time::timeout(
+        WAIT,
+        provider.fetch(&id("spiffe://cluster.local/ns/default/sa/server")),
+    )
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("PermissionDenied") && refused.contains("runs on no known node"),
+        "{refused}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_configuration_is_served_as_soon_as_start_returns() {
+    let dir = TempDir::new("cp-initial");
+    std::fs::write(dir.0.join("mesh.yaml"), TWO_WORKLOADS).unwrap();
+    let server = start_server(&dir, ca()).await;
+    // No await between start and this: what a client connecting now would be sent.
+    assert_eq!(server.resources().len(), 3);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn dropping_the_server_ends_its_ads_streams() {
+    let dir = TempDir::new("cp-drop");
+    std::fs::write(dir.0.join("mesh.yaml"), TWO_WORKLOADS).unwrap();
+    let server = start_server(&dir, ca()).await;
+    let client = start_client(&server, dev_token());
+    tokio::time::timeout(WAIT, client.handle.wait_ready())
+        .await
+        .unwrap()
+        .unwrap();
+    drop(server);
+    let mut status = client.handle.status_watch();
+    let lost = tokio::time::timeout(WAIT, status.wait_for(|s| !s.connected))
+        .await
+        .expect("the stream outlived the server")
+        .unwrap()
+        .clone();
+    assert!(
+        lost.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("shutting down"),
+        "{lost:?}"
+    );
+}
+
+#[tokio::test]
+async fn ads_streams_accept_every_configured_authenticator() {
+    let dir = TempDir::new("cp-authenticators");
+    std::fs::write(dir.0.join("mesh.yaml"), TWO_WORKLOADS).unwrap();
+    let ztunnel = Caller::new(id("spiffe://cluster.local/ns/istio-system/sa/ztunnel")).on_node("node-a");
+    let mut config = ServerConfig::new(&dir.0);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth = ClientAuth::Authenticators(vec![
+        Arc::new(StaticTokens::new().with("first-token", ztunnel.clone())),
+        Arc::new(StaticTokens::new().with("second-token", ztunnel)),
+    ]);
+    let server = Server::start(config, ca()).await.unwrap();
+    let second = CallCredentials::bearer(TokenSource::Literal("second-token".into())).unwrap();
+    let client = start_client(&server, second);
+    tokio::time::timeout(WAIT, client.handle.wait_ready())
+        .await
+        .expect("a caller of the second authenticator was refused")
+        .unwrap();
+
+    let wrong = CallCredentials::bearer(TokenSource::Literal("third-token".into())).unwrap();
+    let refused = start_client(&server, wrong);
+    let mut status = refused.handle.status_watch();
+    let reason = tokio::time::timeout(WAIT, status.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("an unknown token was not refused")
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(reason.contains("Unauthenticated"), "{reason}");
+    server.shutdown().await;
 }

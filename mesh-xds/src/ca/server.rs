@@ -145,7 +145,8 @@ impl CaService {
                 "caller {caller} is not allowed to impersonate: it is not a trusted node proxy"
             )));
         }
-        let Some(node) = &caller.node else {
+        // An empty node name is no node: it would match every workload whose node is not known.
+        let Some(node) = caller.node.as_deref().filter(|node| !node.is_empty()) else {
             return Err(Status::permission_denied(format!(
                 "caller {caller} runs on no known node, so it may not impersonate"
             )));

@@ -1,6 +1,7 @@
 //! From xDS resources to the [`MeshSnapshot`] the proxies read.
 
 use mesh_core::model::{MeshSnapshot, ModelError, SnapshotPublisher};
+use tokio::sync::watch;
 
 use super::{Resources, Watch};
 use crate::XdsAddress;
@@ -26,7 +27,40 @@ pub fn snapshot_from_addresses(addresses: &Resources<XdsAddress>) -> (MeshSnapsh
 /// Publishes a new [`MeshSnapshot`] each time the `Address` resources change, until the ADS client is
 /// gone. Run it as a task beside [`AdsClient::run`](super::AdsClient::run). Changes that arrive while a
 /// snapshot is being built are folded into the next one.
-pub async fn publish_snapshots(mut addresses: Watch<XdsAddress>, publisher: SnapshotPublisher) {
+///
+/// The snapshot lags the ADS client: [`AdsHandle::is_ready`](super::AdsHandle::is_ready) says that the
+/// client holds the first push, not that a snapshot with it has been published. To gate a proxy's
+/// readiness on the snapshot, use [`publish_snapshots_reporting`].
+pub async fn publish_snapshots(addresses: Watch<XdsAddress>, publisher: SnapshotPublisher) {
+    publish_snapshots_reporting(addresses, publisher, watch::Sender::new(0)).await;
+}
+
+/// [`publish_snapshots`], also sending `built_from` the [`Resources::revision`] of the `Address` state each
+/// published snapshot was built from (revisions only grow).
+///
+/// A proxy that is ready only once its snapshot holds the first push (as ztunnel waits for its cache to
+/// be warm) waits for [`AdsHandle::wait_ready`](super::AdsHandle::wait_ready), reads `revision()` from
+/// its `Address` [`Watch`] (with `peek`), then waits for `built_from` to reach that revision:
+/// ```no_run
+/// # async fn demo(
+/// #     handle: mesh_xds::client::AdsHandle,
+/// #     addresses: mesh_xds::client::Watch<mesh_xds::XdsAddress>,
+/// #     publisher: mesh_core::model::SnapshotPublisher,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// let (built_from, mut published) = tokio::sync::watch::channel(0);
+/// tokio::spawn(mesh_xds::client::publish_snapshots_reporting(addresses.clone(), publisher, built_from));
+/// handle.wait_ready().await?;
+/// let held = addresses.peek().revision();
+/// published.wait_for(|revision| *revision >= held).await?;
+/// // Every snapshot published from now on holds at least the first push.
+/// # Ok(())
+/// # }
+/// ```
+pub async fn publish_snapshots_reporting(
+    mut addresses: Watch<XdsAddress>,
+    publisher: SnapshotPublisher,
+    built_from: watch::Sender<u64>,
+) {
     let mut current = addresses.current();
     loop {
         let (snapshot, conflicts) = snapshot_from_addresses(&current);
@@ -38,6 +72,7 @@ pub async fn publish_snapshots(mut addresses: Watch<XdsAddress>, publisher: Snap
             );
         }
         let version = publisher.publish(snapshot);
+        built_from.send_replace(current.revision());
         tracing::debug!(version, resources = current.len(), "mesh snapshot published");
         match addresses.changed().await {
             Some(next) => current = next,

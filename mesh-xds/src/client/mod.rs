@@ -9,8 +9,10 @@
 //! - After a reconnect, that first request lists every resource held with its version in
 //!   `initial_resource_versions`, so the control plane only sends what changed. While disconnected, the last
 //!   state stays in the watches: proxies keep working on it.
-//! - Each response is answered: an ACK (`type_url` + nonce), or a NACK whose `error_detail` names every
-//!   resource that was refused and why. The resources that were valid apply either way.
+//! - Each response is answered: an ACK (`type_url` + nonce), or a NACK whose `error_detail` names the
+//!   resources that were refused and why (at most [`MAX_NACK_DETAIL_BYTES`] of them; the rest are counted,
+//!   so that a NACK of a large push stays under the control plane's request size limit). The resources
+//!   that were valid apply either way.
 //! - Reconnects back off exponentially with jitter ([`Backoff`]), starting over once a stream has delivered a
 //!   response.
 //! - [`AdsHandle::is_ready`] turns true once every subscribed type has had its first response; it stays true
@@ -32,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-pub use mesh::{publish_snapshots, snapshot_from_addresses};
+pub use mesh::{publish_snapshots, publish_snapshots_reporting, snapshot_from_addresses};
 pub use store::{Resource, Resources, Watch};
 use store::{TypeStore, TypedStore};
 
@@ -40,6 +42,12 @@ use crate::XdsError;
 use crate::proto::envoy::service::discovery::v3 as ads;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::proto::google::rpc::Status as RpcStatus;
+
+/// The most bytes of refusal reasons a NACK's `error_detail` carries; past it, the remaining refused
+/// resources are only counted. istiod accepts requests of up to 4 MiB: a NACK listing every resource of a
+/// large push that a newer istiod sent (one enum value this version does not know, say) would be refused
+/// as a whole, the stream reset, and the same push refused again on every reconnect.
+pub const MAX_NACK_DETAIL_BYTES: usize = 16 * 1024;
 
 /// The identity a node proxy presents to istiod, from which istiod decides what to send it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -278,7 +286,9 @@ pub struct AdsHandle {
 }
 
 impl AdsHandle {
-    /// Whether every subscribed type has had its first response.
+    /// Whether every subscribed type has had its first response (applied to the [`Watch`]es; state derived
+    /// from them by other tasks, such as [`publish_snapshots`]'s snapshots, may lag: see
+    /// [`publish_snapshots_reporting`]).
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
     }
@@ -534,7 +544,7 @@ impl AdsClient {
         let error_detail = if rejected.is_empty() {
             None
         } else {
-            let message = rejected.join("; ");
+            let message = nack_detail(&rejected);
             tracing::warn!(%type_url, %nonce, error = %message, "rejecting resources (NACK)");
             Some(RpcStatus {
                 // google.rpc.Code.INVALID_ARGUMENT
@@ -580,8 +590,18 @@ impl AdsClient {
         }
         let demanded = self.demanded.entry(type_url).or_default();
         if demanded.contains(&name) {
-            // Subscribed before: whatever the control plane said is in the store already.
-            let _ = answered.send(Ok(()));
+            // Subscribed before. Still unanswered: wait with the first caller for the control plane's
+            // answer. Answered: whatever the control plane said is in the store already.
+            match self.pending.get_mut(&(type_url, name)) {
+                Some(waiters) => {
+                    // Callers that gave up (a timeout) need no answer: only live waiters are kept.
+                    waiters.retain(|waiter| !waiter.is_closed());
+                    waiters.push(answered);
+                }
+                None => {
+                    let _ = answered.send(Ok(()));
+                }
+            }
             return None;
         }
         if demanded.len() >= self.config.max_demanded {
@@ -605,6 +625,32 @@ impl AdsClient {
             error_detail: None,
         })
     }
+}
+
+/// The refusal reasons joined with `; `, cut after [`MAX_NACK_DETAIL_BYTES`] with a count of the rest.
+fn nack_detail(rejected: &[String]) -> String {
+    let mut message = String::new();
+    for (index, reason) in rejected.iter().enumerate() {
+        if index == 0 && reason.len() > MAX_NACK_DETAIL_BYTES / 2 {
+            // One reason alone must not crowd out the count of the others.
+            let mut cut = MAX_NACK_DETAIL_BYTES / 2;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.push_str(&reason[..cut]);
+            message.push_str("...");
+            continue;
+        }
+        let separator = if index == 0 { "" } else { "; " };
+        if message.len() + separator.len() + reason.len() > MAX_NACK_DETAIL_BYTES {
+            let rest = rejected.len() - index;
+            message.push_str(&format!("{separator}... and {rest} more refused"));
+            break;
+        }
+        message.push_str(separator);
+        message.push_str(reason);
+    }
+    message
 }
 
 fn describe(status: &tonic::Status) -> String {

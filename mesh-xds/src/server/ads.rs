@@ -17,8 +17,12 @@
 //!   resources" from "not answered yet" and report ready.
 //!
 //! ## Bounds
-//! Streams ([`AdsLimits::max_streams`]), names one stream may subscribe to ([`AdsLimits::max_names`]) and
-//! request size are bounded; a client over a bound gets `RESOURCE_EXHAUSTED` and its stream ends.
+//! Streams ([`AdsLimits::max_streams`]), names one stream may subscribe to or list as held
+//! ([`AdsLimits::max_names`]), types one stream may subscribe to ([`MAX_TYPES_PER_STREAM`]), the length of
+//! a name, type URL or nonce ([`MAX_NAME_BYTES`]), a NACK's detail kept in an [`AdsEvent`] and request
+//! size are bounded; a client over a bound gets `RESOURCE_EXHAUSTED` (`INVALID_ARGUMENT` for a name too
+//! long) and its stream ends. What the server sends because of a wildcard subscription does not count
+//! against [`AdsLimits::max_names`]: it is bounded by what the server publishes.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -37,12 +41,23 @@ use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_se
 };
 use crate::transport::ConnectionInfo;
 
+/// The most resource types one stream may subscribe to. Istio's ztunnel uses two, Envoy about ten.
+pub const MAX_TYPES_PER_STREAM: usize = 64;
+
+/// The longest resource name (or alias, type URL or nonce) a client may send, in bytes. Istio's names (a
+/// workload uid, `namespace/hostname`, `network/ip`) are a few hundred bytes at most.
+pub const MAX_NAME_BYTES: usize = 4096;
+
+/// The most bytes of a NACK's error detail kept in an [`AdsEvent::Nack`] (twice what our own client sends).
+const MAX_EVENT_DETAIL_BYTES: usize = 32 * 1024;
+
 /// What one ADS server may be made to hold.
 #[derive(Debug, Clone, Copy)]
 pub struct AdsLimits {
     /// Concurrent streams; more are refused with `RESOURCE_EXHAUSTED`.
     pub max_streams: usize,
-    /// Names (explicit subscriptions plus names the client says it holds) one stream may track per type.
+    /// Names one stream may subscribe to explicitly per type, and names it may list in
+    /// `initial_resource_versions` (resources sent because of a wildcard subscription do not count).
     pub max_names: usize,
     /// The largest request message accepted, in bytes.
     pub max_request_bytes: usize,
@@ -294,22 +309,27 @@ impl StreamTask {
             let Some(node) = request.node.as_ref() else {
                 return Err(Status::invalid_argument("the first request must carry the node"));
             };
-            self.node = node.id.clone();
+            // Kept for the stream's life and copied into every event: capped.
+            self.node = cut(&node.id, MAX_NAME_BYTES);
             tracing::info!(node = %self.node, "ADS client connected");
             let _ = self.events.send(AdsEvent::Connected {
                 node: self.node.clone(),
             });
         }
+        check_name("type URL", &request.type_url)?;
+        check_name("nonce", &request.response_nonce)?;
         if !request.response_nonce.is_empty() {
             let event = match &request.error_detail {
                 Some(detail) => {
+                    // A subscriber of the events may hold many of them: a client's detail is capped.
+                    let message = cut(&detail.message, MAX_EVENT_DETAIL_BYTES);
                     tracing::warn!(node = %self.node, type_url = %request.type_url,
-                        nonce = %request.response_nonce, error = %detail.message, "ADS client rejected a response");
+                        nonce = %request.response_nonce, error = %message, "ADS client rejected a response");
                     AdsEvent::Nack {
                         node: self.node.clone(),
                         type_url: request.type_url.clone(),
                         nonce: request.response_nonce.clone(),
-                        message: detail.message.clone(),
+                        message,
                     }
                 }
                 None => AdsEvent::Ack {
@@ -322,10 +342,27 @@ impl StreamTask {
         }
         let first = !self.types.contains_key(&request.type_url);
         let max_names = self.limits.max_names;
+        let too_many_names =
+            || Status::resource_exhausted(format!("more than {max_names} resource names on one stream"));
+        if first {
+            if self.types.len() >= MAX_TYPES_PER_STREAM {
+                return Err(Status::resource_exhausted(format!(
+                    "more than {MAX_TYPES_PER_STREAM} resource types on one stream"
+                )));
+            }
+            if request.initial_resource_versions.len() > max_names {
+                return Err(too_many_names());
+            }
+        }
+        for name in &request.resource_names_subscribe {
+            check_name("resource name", name)?;
+        }
         let state = self.types.entry(request.type_url.clone()).or_default();
         if first {
             state.wildcard =
                 request.resource_names_subscribe.is_empty() && request.resource_names_unsubscribe.is_empty();
+            // Names the server does not have are answered as removed by the first push, which also drops
+            // them from `sent`: from then on `sent` only holds what this server published.
             state.sent = request.initial_resource_versions;
         }
         for name in request.resource_names_subscribe {
@@ -345,10 +382,8 @@ impl StreamTask {
                 state.sent.remove(&name);
             }
         }
-        if state.names.len() + state.sent.len() > max_names {
-            return Err(Status::resource_exhausted(format!(
-                "more than {max_names} resource names on one stream"
-            )));
+        if state.names.len() > max_names {
+            return Err(too_many_names());
         }
         if first || !state.unanswered.is_empty() {
             self.push(&request.type_url, first).await?;
@@ -368,7 +403,9 @@ impl StreamTask {
     /// Sends `type_url`'s differences between what the client holds and what it should; with `always`,
     /// sends a response even if there are none.
     async fn push(&mut self, type_url: &str, always: bool) -> Result<(), Status> {
-        let snapshot = self.snapshots.borrow_and_update().clone();
+        // Not `borrow_and_update`: a push for one type must not mark a new snapshot as seen, or the
+        // stream's `changed()` would never fire for it and the other types would miss the update.
+        let snapshot = self.snapshots.borrow().clone();
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -400,7 +437,10 @@ impl StreamTask {
         let mut resources = Vec::new();
         for (name, (resource, aliases)) in &wanted {
             let up_to_date = state.sent.get(*name).is_some_and(|v| **v == *resource.version);
-            let newly_asked = aliases.iter().any(|alias| state.unanswered.contains(alias));
+            // A name just subscribed to is answered even if the client holds the resource already (by
+            // another name, or from before): it waits for that answer.
+            let newly_asked = state.unanswered.contains(*name)
+                || aliases.iter().any(|alias| state.unanswered.contains(alias));
             if !up_to_date || newly_asked {
                 resources.push(resource.to_proto(type_url, aliases.clone()));
             }
@@ -437,5 +477,199 @@ impl StreamTask {
             .send(Ok(response))
             .await
             .map_err(|_| Status::cancelled("the client went away"))
+    }
+}
+
+/// `text`, cut to at most `limit` bytes (on a character boundary) with `...` appended when cut.
+fn cut(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
+        return text.to_owned();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
+/// Refuses a name (or type URL, or nonce) longer than [`MAX_NAME_BYTES`]: the stream keeps the names it
+/// subscribes to, and events carry the type URL and nonce.
+fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "a {what} of {} bytes is longer than {MAX_NAME_BYTES}",
+            name.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "test code: a failed unwrap is a failed test")]
+mod tests {
+    use super::*;
+    use crate::server::ServedResource;
+
+    const A: &str = "type.test/A";
+    const B: &str = "type.test/B";
+
+    /// One resource `r` of types A and B whose content (and so version) is `content`.
+    fn snapshot(content: &str) -> ResourceSnapshot {
+        let mut snapshot = ResourceSnapshot::new();
+        for type_url in [A, B] {
+            let value = bytes::Bytes::from(content.as_bytes().to_vec());
+            snapshot.insert(type_url, ServedResource::new("r", Vec::new(), value));
+        }
+        snapshot
+    }
+
+    fn request(type_url: &str, subscribe: &[&str]) -> ads::DeltaDiscoveryRequest {
+        ads::DeltaDiscoveryRequest {
+            node: Some(ads::Node {
+                id: "test-node".into(),
+                ..Default::default()
+            }),
+            type_url: type_url.to_owned(),
+            resource_names_subscribe: subscribe.iter().map(|name| (*name).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    type Responses = mpsc::Receiver<Result<ads::DeltaDiscoveryResponse, Status>>;
+
+    fn stream(publisher: &ResourcePublisher, limits: AdsLimits) -> (StreamTask, Responses) {
+        let (tx, rx) = mpsc::channel(64);
+        let task = StreamTask {
+            snapshots: publisher.subscribe(),
+            limits,
+            events: broadcast::channel(16).0,
+            node: String::new(),
+            nonce: 0,
+            types: HashMap::new(),
+            tx,
+        };
+        (task, rx)
+    }
+
+    #[tokio::test]
+    async fn a_push_for_one_type_does_not_hide_a_new_snapshot_from_the_others() {
+        let publisher = ResourcePublisher::new(snapshot("v1"));
+        let (mut task, mut responses) = stream(&publisher, AdsLimits::default());
+        task.on_request(request(A, &[])).await.unwrap();
+        task.on_request(request(B, &[])).await.unwrap();
+        for _ in 0..2 {
+            responses.try_recv().unwrap().unwrap();
+        }
+
+        // A new snapshot changes both types; before the stream task notices, a request makes it push A.
+        publisher.publish(snapshot("v2"));
+        task.on_request(request(A, &["missing"])).await.unwrap();
+        let pushed = responses.try_recv().unwrap().unwrap();
+        assert_eq!(pushed.type_url, A);
+
+        // The change must still be pending for the stream's loop, which then brings B up to date.
+        assert!(
+            task.snapshots.has_changed().unwrap(),
+            "the push for A marked the new snapshot as seen: B would never get it"
+        );
+        task.snapshots.changed().await.unwrap();
+        task.push_all().await.unwrap();
+        let mut b_version = None;
+        while let Ok(response) = responses.try_recv() {
+            let response = response.unwrap();
+            if response.type_url == B {
+                b_version = response.resources.first().map(|r| r.version.clone());
+            }
+        }
+        let current = publisher.current();
+        let expected = &current.resources(B).unwrap().get("r").unwrap().version;
+        assert_eq!(b_version.as_deref(), Some(&**expected));
+    }
+
+    #[tokio::test]
+    async fn resources_sent_by_wildcard_do_not_count_against_the_name_limit() {
+        let publisher = ResourcePublisher::new(snapshot("v1"));
+        let limits = AdsLimits {
+            max_names: 0,
+            ..AdsLimits::default()
+        };
+        let (mut task, mut responses) = stream(&publisher, limits);
+        task.on_request(request(A, &[])).await.unwrap();
+        assert_eq!(responses.try_recv().unwrap().unwrap().resources.len(), 1);
+        // The ACK of that response: the resource the server sent is not a name the client asked for.
+        let mut ack = request(A, &[]);
+        ack.response_nonce = "1".into();
+        task.on_request(ack).await.unwrap();
+
+        // What the client itself sends does count.
+        let error = task.on_request(request(A, &["x"])).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+        let mut held = request(B, &[]);
+        held.initial_resource_versions = [("r".to_owned(), "old".to_owned())].into();
+        let error = task.on_request(held).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn types_per_stream_and_name_lengths_are_bounded() {
+        let publisher = ResourcePublisher::new(ResourceSnapshot::new());
+        let (mut task, mut responses) = stream(&publisher, AdsLimits::default());
+        for index in 0..MAX_TYPES_PER_STREAM {
+            task.on_request(request(&format!("type.test/{index}"), &[]))
+                .await
+                .unwrap();
+            responses.try_recv().unwrap().unwrap();
+        }
+        let error = task
+            .on_request(request("type.test/one-more", &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::ResourceExhausted, "{error:?}");
+        assert_eq!(task.types.len(), MAX_TYPES_PER_STREAM);
+
+        let (mut task, _responses) = stream(&publisher, AdsLimits::default());
+        let long = "n".repeat(MAX_NAME_BYTES + 1);
+        let error = task.on_request(request(A, &[&long])).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+        let error = task.on_request(request(&long, &[])).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+        assert!(task.types.is_empty());
+        let mut ack = request(A, &[]);
+        ack.response_nonce = long.clone();
+        let error = task.on_request(ack).await.unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn events_keep_a_bounded_part_of_what_the_client_sends() {
+        let publisher = ResourcePublisher::new(ResourceSnapshot::new());
+        let (mut task, _responses) = stream(&publisher, AdsLimits::default());
+        let mut events = task.events.subscribe();
+        let mut first = request(A, &[]);
+        first.node = Some(ads::Node {
+            id: "n".repeat(1 << 20),
+            ..Default::default()
+        });
+        task.on_request(first).await.unwrap();
+        let mut nack = request(A, &[]);
+        nack.response_nonce = "1".into();
+        nack.error_detail = Some(crate::proto::google::rpc::Status {
+            code: 3,
+            message: "é".repeat(1 << 20),
+            details: Vec::new(),
+        });
+        task.on_request(nack).await.unwrap();
+        let connected = events.try_recv().unwrap();
+        let AdsEvent::Connected { node } = connected else {
+            panic!("{connected:?}");
+        };
+        assert!(node.len() <= MAX_NAME_BYTES + 3, "{}", node.len());
+        let nacked = events.try_recv().unwrap();
+        let AdsEvent::Nack { message, node, .. } = nacked else {
+            panic!("{nacked:?}");
+        };
+        assert!(message.len() <= MAX_EVENT_DETAIL_BYTES + 3, "{}", message.len());
+        assert!(message.starts_with("éé") && message.ends_with("..."));
+        assert!(node.len() <= MAX_NAME_BYTES + 3, "{}", node.len());
     }
 }

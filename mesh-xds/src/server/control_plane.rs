@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use mesh_core::{DevCa, SpiffeId};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -15,7 +16,7 @@ use super::{
     AdsEvent, AdsLimits, AdsService, GrpcRouter, ResourcePublisher, ResourceSnapshot, resources_from_mesh,
 };
 use crate::XdsError;
-use crate::ca::{CaService, Caller, CallerAuthenticator, ClientCertAuthenticator, DevAnyToken};
+use crate::ca::{CaService, CallInfo, Caller, CallerAuthenticator, ClientCertAuthenticator, DevAnyToken};
 use crate::local::{LocalConfig, LocalOptions, LocalWatcher};
 use crate::transport::{LOCAL_SERVER_DNS_NAMES, TlsIncoming, TlsIncomingConfig, local_server_tls};
 
@@ -23,15 +24,16 @@ use crate::transport::{LOCAL_SERVER_DNS_NAMES, TlsIncoming, TlsIncomingConfig, l
 #[derive(Debug, Clone)]
 pub enum ClientAuth {
     /// **Development only**: any non-empty bearer token from a loopback address (what Istio's ztunnel
-    /// sends when pointed at us with `XDS_ADDRESS`/`CA_ADDRESS`), or a client certificate from the server's
-    /// CA. A CA call without impersonation gets the identity its CSR asks for; with impersonation, it is
-    /// attributed to `node_proxy` (a ztunnel on a node), if set, and otherwise refused.
+    /// sends when pointed at us with `XDS_ADDRESS`/`CA_ADDRESS`); CA calls may instead present a client
+    /// certificate from the server's CA. A CA call without impersonation gets the identity its CSR asks
+    /// for; with impersonation, it is attributed to `node_proxy` (a ztunnel on a node), if set, and
+    /// otherwise refused.
     DevLoopback {
         /// The node proxy that impersonation requests come from.
         node_proxy: Option<Caller>,
     },
     /// Only these authenticators (e.g. [`crate::ca::StaticTokens`], [`ClientCertAuthenticator`]), tried
-    /// in order.
+    /// in order, for ADS streams and CA calls alike.
     Authenticators(Vec<Arc<dyn CallerAuthenticator>>),
 }
 
@@ -112,8 +114,12 @@ impl Server {
     pub async fn start(config: ServerConfig, ca: Arc<DevCa>) -> Result<Server, XdsError> {
         let watcher =
             LocalWatcher::start(&config.config_path, config.local.clone(), config.poll_interval).await?;
-        let resources = ResourcePublisher::new(ResourceSnapshot::new());
-        let publishing = tokio::spawn(publish_config(watcher.subscribe(), resources.clone()));
+        // The loaded configuration is published before the first client can connect: a client answered
+        // from an empty set would report ready with no workloads. Later versions follow in the background.
+        let mut configs = watcher.subscribe();
+        let initial = configs.borrow_and_update().clone();
+        let resources = ResourcePublisher::new(snapshot_of(&initial));
+        let publishing = tokio::spawn(publish_config(configs, resources.clone()));
 
         let (ads_access, ca_authenticators): (Arc<dyn AdsAccess>, Vec<Arc<dyn CallerAuthenticator>>) =
             match &config.auth {
@@ -126,11 +132,13 @@ impl Server {
                     (Arc::new(LoopbackAnyToken), vec![certs, Arc::new(dev)])
                 }
                 ClientAuth::Authenticators(list) => {
-                    let first = list.first().cloned().ok_or_else(|| XdsError::Transport {
-                        reason: "the control plane needs at least one authenticator".to_owned(),
-                    })?;
-                    // ADS streams accept the first authenticator's callers; CA calls try them all.
-                    (Arc::new(AuthenticatedCallers(first)), list.clone())
+                    if list.is_empty() {
+                        return Err(XdsError::Transport {
+                            reason: "the control plane needs at least one authenticator".to_owned(),
+                        });
+                    }
+                    let any: Arc<dyn CallerAuthenticator> = Arc::new(FirstOf(list.clone()));
+                    (Arc::new(AuthenticatedCallers(any)), list.clone())
                 }
             };
         let ads = AdsService::new(resources.clone(), config.ads_limits).with_access(ads_access);
@@ -259,23 +267,55 @@ impl Server {
     }
 }
 
-/// Publishes the served resources whenever the configuration changes.
-async fn publish_config(mut configs: watch::Receiver<Arc<LocalConfig>>, resources: ResourcePublisher) {
-    loop {
-        let config = configs.borrow_and_update().clone();
-        resources.publish(resources_from_mesh(
-            &config.workloads,
-            &config.services,
-            &config.policies,
-        ));
-        tracing::info!(
-            workloads = config.workloads.len(),
-            services = config.services.len(),
-            policies = config.policies.len(),
-            "serving configuration"
-        );
-        if configs.changed().await.is_err() {
-            return;
+impl Drop for Server {
+    /// A server dropped without [`shutdown`](Server::shutdown) still ends its ADS streams: otherwise the
+    /// graceful stop that dropping starts would wait for them forever, and clients would stay on a server
+    /// that no longer follows its files.
+    fn drop(&mut self) {
+        self.ads.close();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
+        self.publishing.abort();
+    }
+}
+
+/// The resources served for `config`, logged.
+fn snapshot_of(config: &LocalConfig) -> ResourceSnapshot {
+    tracing::info!(
+        workloads = config.workloads.len(),
+        services = config.services.len(),
+        policies = config.policies.len(),
+        "serving configuration"
+    );
+    resources_from_mesh(&config.workloads, &config.services, &config.policies)
+}
+
+/// Publishes the served resources whenever the configuration changes (the current one is already served).
+async fn publish_config(mut configs: watch::Receiver<Arc<LocalConfig>>, resources: ResourcePublisher) {
+    while configs.changed().await.is_ok() {
+        let config = configs.borrow_and_update().clone();
+        resources.publish(snapshot_of(&config));
+    }
+}
+
+/// Several authenticators as one: the first that succeeds names the caller.
+#[derive(Debug)]
+struct FirstOf(Vec<Arc<dyn CallerAuthenticator>>);
+
+impl CallerAuthenticator for FirstOf {
+    fn authenticate<'a>(&'a self, call: &'a CallInfo<'a>) -> BoxFuture<'a, Result<Caller, XdsError>> {
+        Box::pin(async move {
+            let mut reasons = Vec::new();
+            for authenticator in &self.0 {
+                match authenticator.authenticate(call).await {
+                    Ok(caller) => return Ok(caller),
+                    Err(error) => reasons.push(error.to_string()),
+                }
+            }
+            Err(XdsError::Unauthenticated {
+                reason: reasons.join("; "),
+            })
+        })
     }
 }

@@ -16,7 +16,7 @@ mod resources;
 mod router;
 
 pub use access::{AdsAccess, AuthenticatedCallers, LoopbackAnyToken, StreamInfo};
-pub use ads::{AdsEvent, AdsLimits, AdsService};
+pub use ads::{AdsEvent, AdsLimits, AdsService, MAX_NAME_BYTES, MAX_TYPES_PER_STREAM};
 pub use control_plane::{ClientAuth, Server, ServerConfig};
 pub use resources::{ResourcePublisher, ResourceSnapshot, ServedResource, TypeResources};
 pub use router::GrpcRouter;
