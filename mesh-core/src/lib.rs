@@ -15,6 +15,8 @@
 //! - [`model`]: [`Workload`](model::Workload), [`Service`](model::Service), [`MeshSnapshot`](model::MeshSnapshot)
 //!   and its publisher.
 //! - [`drain`]: graceful shutdown, a trigger that waits for every watcher to finish.
+//! - [`sys`]: Linux socket options of a transparent proxy (original destination, marks, transparent
+//!   sockets); the one place `unsafe` may live.
 //! - [`Error`]: the crate's one error type.
 //!
 //! ## Example
@@ -38,6 +40,7 @@ pub mod drain;
 mod error;
 pub mod identity;
 pub mod model;
+pub mod sys;
 pub mod tls;
 
 #[cfg(feature = "dev-ca")]

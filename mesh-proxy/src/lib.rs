@@ -13,6 +13,21 @@
 //!   counters) and the [`telemetry::ConnectionObserver`]s told when it opens and closes (metrics, logs).
 //! - [`forward`]: [`forward::copy_bidirectional`], moving bytes both ways with half-close and counting.
 //! - [`state`]: [`state::ProxyState`], the snapshot and policies the proxies decide with.
+//! - [`listener`]: [`listener::serve_tcp`], the accept loop of every TCP port (connection limit, accept
+//!   errors, drain with a deadline).
+//! - [`outbound::Outbound`]: the capture port (15001): source workload, route, upstream (TCP, HBONE,
+//!   double HBONE), forwarding, telemetry.
+//! - [`socks5`]: [`socks5::Socks5`], the SOCKS5 port (15080) onto the same outbound path.
+//! - [`inbound`]: ztunnel's inbound side, [`inbound::Inbound`] (HBONE on 15008, the service inside an
+//!   `HboneAcceptor`) and [`inbound::InboundPlaintext`] (15006): destination, L4 policy, upstream, forward.
+//! - [`conntrack`]: [`conntrack::ConnectionTracker`], closing open connections a policy change now denies
+//!   or whose destination workload was removed.
+//! - [`error`]: [`ProxyError`], the crate's error type.
+//! - [`metrics`]: [`metrics::Metrics`], Istio's `istio_tcp_*` families (a connection observer), build and
+//!   process metrics, and component metrics the binary registers; Prometheus text format.
+//! - [`access_log`]: [`access_log::AccessLog`], ztunnel's one structured event per connection.
+//! - [`admin`]: the bounded HTTP/1.1 servers for admin (`127.0.0.1:15000`: config dump, logging,
+//!   quitquitquit), metrics (`:15020`) and readiness (`:15021`, [`admin::Readiness`]).
 //!
 //! The rest of the node proxy (issue "ztunnel") is being built.
 //!
@@ -50,9 +65,28 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod access_log;
+pub mod admin;
+pub mod conntrack;
+pub mod error;
 pub mod forward;
+pub mod inbound;
+pub mod listener;
+pub mod metrics;
 pub mod outbound;
+pub mod socks5;
 pub mod state;
 pub mod telemetry;
 
+pub use error::ProxyError;
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Parses `bytes` as a SOCKS5 greeting followed by a request, checking the parsers' invariants
+    /// (never a panic, never a message longer than its input, prefixes of a message are incomplete).
+    pub fn socks5_handshake(bytes: &[u8]) {
+        crate::socks5::fuzz_handshake(bytes);
+    }
+}
 pub use outbound::{EndpointPicker, HboneKind, Route, RouteError, RouteInput, route};

@@ -18,10 +18,14 @@
 //! 3. An endpoint or waypoint on another network: double HBONE through that network's east-west
 //!    gateway, with `hostname:port` as the authority of both tunnels.
 //! 4. Anything else: passthrough, plain TCP to the original destination.
+//!
+//! [`Outbound`] acts on the decision: it finds the source workload, connects upstream as the route says
+//! and forwards the bytes, reporting each connection to the telemetry observers.
 
 mod error;
 mod route;
 mod select;
+mod service;
 #[cfg(test)]
 mod tests;
 
@@ -30,3 +34,4 @@ pub use route::{
     DoubleHboneRoute, EndpointPicker, HboneKind, HboneRoute, RandomPicker, Route, RouteInput,
     ServiceAuthority, route,
 };
+pub use service::{CaptureMode, Outbound, OutboundConfig, OutboundConnection, Passthrough, SourceLookup};
