@@ -133,6 +133,27 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs `f` on a new, detached thread that has joined this namespace (for servers that live as long as
+    /// the test); the handle returns `f`'s result, or the error joining the namespace.
+    pub fn spawn<F, R>(&self, f: F) -> Result<std::thread::JoinHandle<Result<R, NetnsError>>, NetnsError>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).map_err(|e| NetnsError(format!("cannot open {path}: {e}")))?;
+        Ok(std::thread::spawn(move || {
+            rustix::thread::move_into_link_name_space(
+                std::os::fd::AsFd::as_fd(&file),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| NetnsError(format!("setns into {path}: {e}")))?;
+            Ok(f())
+        }))
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace removes its veth ends (and their peers).

@@ -1,36 +1,48 @@
 //! `ztunnel`: meshkit's node proxy. It reads Istio ztunnel's environment variables and flags (see
-//! `config`) and runs the proxy composed in `mesh-proxy`.
-//!
-//! The data path is being composed (the ztunnel issue); until it is, this binary checks its whole
-//! configuration and refuses to start, saying so, rather than pretending to proxy.
+//! `config`) and runs the proxy composed from `mesh-proxy` (see `proxy`).
 #![forbid(unsafe_code)]
 
 mod config;
+mod logging;
+mod proxy;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
     let args = config::Args::parse();
-    match config::Config::from_args(args) {
-        Ok(config) => {
-            eprintln!(
-                "ztunnel: configuration valid (identity {} in trust domain {}, cluster {}, {:?} mode, config from \
-                 {:?}, certificates from {:?}), but the node proxy is not composed yet (see the ztunnel issue); \
-                 refusing to start instead of running without a data path",
-                config.own_identity,
-                config.trust_domain,
-                config.args.cluster_id,
-                config.mode,
-                config.source,
-                config.certs
-            );
-            ExitCode::from(2)
-        }
+    let config = match config::Config::from_args(args) {
+        Ok(config) => config,
         Err(error) => {
             eprintln!("ztunnel: invalid configuration: {error}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
+        }
+    };
+    let logging = logging::init();
+    // Istio's ztunnel sizes its data-path runtime at a quarter of the cores, at least two.
+    let workers = config.args.worker_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        cores.div_ceil(4).max(2)
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("ztunnel: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(proxy::run(config, Arc::new(logging))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "ztunnel stopped");
+            eprintln!("ztunnel: {error}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,472 @@
+//! Wiring: configuration in, a running node proxy out. Every piece is a library type from `mesh-xds`,
+//! `mesh-hbone`, `mesh-policy` and `mesh-proxy`; this module only connects them and owns the ports.
+
+use std::error::Error;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::cert::CachingCertConfig;
+use mesh_core::drain::{self, DrainWatch};
+use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
+use mesh_core::{CachingCertProvider, CertProvider, sys, tls};
+use mesh_hbone::{HboneAcceptor, HboneConfig, HboneConnector};
+use mesh_policy::L4PolicySet;
+use mesh_proxy::access_log::AccessLog;
+use mesh_proxy::admin::{
+    AdminEndpoint, HttpServer, HttpServerConfig, LogControl, MetricsEndpoint, Readiness, ReadinessEndpoint,
+    ReadyToken, StateDump, bind_admin,
+};
+use mesh_proxy::conntrack::ConnectionTracker;
+use mesh_proxy::inbound::{Inbound, InboundConfig, PlaintextConnection, ServedWorkloads};
+use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
+use mesh_proxy::metrics::Metrics;
+use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
+use mesh_proxy::socks5::{Socks5, Socks5Config};
+use mesh_proxy::state::ProxyState;
+use mesh_proxy::telemetry::{ConnectionObserver, Observers};
+use mesh_xds::client::{AdsClientBuilder, ZtunnelNode, publish_snapshots_reporting};
+use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
+use mesh_xds::{
+    IstioCaConfig, IstioCaSigner, LocalConfig, LocalOptions, LocalWatcher, WorkloadApiCertProvider,
+    WorkloadApiConfig, XdsAddress, XdsAuthorization,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::config::{CertSource, Config, ConfigSource, ProxyMode};
+
+type BoxError = Box<dyn Error + Send + Sync>;
+
+/// Istio's fixed ports.
+const OUTBOUND_PORT: u16 = 15001;
+const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+const INBOUND_HBONE_PORT: u16 = 15008;
+const SOCKS5_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15080);
+
+/// Runs the node proxy until SIGTERM (or `/quitquitquit`), then drains for the configured deadline.
+pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<(), BoxError> {
+    let (drain_trigger, drain) = drain::channel();
+    let (quit_tx, mut quit_rx) = watch::channel(false);
+    let readiness = Readiness::new();
+    let certs_ready = readiness.register("workload certificates");
+    let config_ready = readiness.register("configuration (first xDS push or local file)");
+    let listeners_ready = readiness.register("listeners");
+
+    let metrics = Arc::new(Metrics::new());
+    let observers = Observers::new(vec![
+        metrics.clone() as Arc<dyn ConnectionObserver>,
+        Arc::new(AccessLog::new()),
+    ]);
+    let any = if config.args.ipv6_enabled {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+
+    // Operations first, so readiness answers (503) while the rest starts.
+    let http = HttpServerConfig::default();
+    let metrics_server = HttpServer::bind("metrics", SocketAddr::new(any, 15020), http.clone()).await?;
+    tokio::spawn(metrics_server.serve(Arc::new(MetricsEndpoint::new(metrics.clone())), drain.clone()));
+    let readiness_server = HttpServer::bind("readiness", SocketAddr::new(any, 15021), http.clone()).await?;
+    tokio::spawn(readiness_server.serve(Arc::new(ReadinessEndpoint::new(readiness.clone())), drain.clone()));
+
+    let certs = cert_provider(&config)?;
+    let state = start_config_source(&config, config_ready, drain.clone()).await?;
+
+    let admin = AdminEndpoint::new(Arc::new(
+        StateDump::new(state.clone()).with_version(env!("CARGO_PKG_VERSION")),
+    ))
+    .with_logging(logging)
+    .with_shutdown(move || {
+        quit_tx.send_replace(true);
+    });
+    let admin_server = bind_admin(mesh_proxy::admin::ADMIN_ADDR, false, http).await?;
+    tokio::spawn(admin_server.serve(Arc::new(admin), drain.clone()));
+
+    // Who this proxy serves, and with which certificate on 15008.
+    let (served, source, server_tls) = match &config.mode {
+        ProxyMode::Dedicated {
+            namespace,
+            name,
+            service_account,
+        } => {
+            let workload = wait_for_workload(&state, namespace, name, service_account).await?;
+            let identity = workload.identity()?;
+            let cert = certs.certificate(&identity).await?;
+            tracing::info!(%identity, uid = %workload.uid, "serving one workload (dedicated mode)");
+            (
+                ServedWorkloads::Workload(workload.uid.clone()),
+                SourceLookup::Workload {
+                    uid: workload.uid.clone(),
+                },
+                tls::server_config(cert, vec![config.trust_domain.clone()])?,
+            )
+        }
+        ProxyMode::Shared => {
+            return Err(
+                "shared (node) mode needs a certificate per served workload on port 15008, which this \
+                        build cannot select yet; run with PROXY_MODE=dedicated"
+                    .into(),
+            );
+        }
+    };
+    certs_ready.done();
+
+    let hbone = HboneConfig {
+        pool_max_streams_per_connection: config.args.pool_max_streams as usize,
+        pool_idle_timeout: config.args.pool_idle_timeout,
+        ..HboneConfig::default()
+    };
+    let connector = HboneConnector::new(hbone.clone(), certs.clone());
+    let tracker = ConnectionTracker::new();
+    {
+        let (tracker, state, drain) = (tracker.clone(), state.clone(), drain.clone());
+        tokio::spawn(async move { tracker.run(state, drain).await });
+    }
+
+    // Inbound HBONE (15008) and plaintext (15006).
+    let inbound =
+        Inbound::new(InboundConfig::new(served), state.clone(), tracker).with_observers(observers.clone());
+    let plaintext = inbound.plaintext();
+    let hbone_listener = bind(SocketAddr::new(any, INBOUND_HBONE_PORT)).await?;
+    let acceptor = HboneAcceptor::new(hbone, server_tls, inbound);
+    tokio::spawn({
+        let drain = drain.clone();
+        async move {
+            if let Err(error) = acceptor.serve(hbone_listener, drain).await {
+                tracing::error!(%error, "inbound HBONE listener stopped");
+            }
+        }
+    });
+    let listener_config = ListenerConfig {
+        drain_deadline: config.args.drain_deadline,
+        ..ListenerConfig::default()
+    };
+    let plaintext_listener = bind(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT)).await?;
+    spawn_serve(
+        plaintext_listener,
+        move |stream: TcpStream, peer: SocketAddr| {
+            let plaintext = plaintext.clone();
+            async move {
+                let original_dst = match sys::original_destination(&stream) {
+                    Ok(addr) => addr,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
+                        return;
+                    }
+                };
+                let connection = PlaintextConnection {
+                    stream,
+                    peer_addr: peer,
+                    original_dst,
+                };
+                if let Err(error) = plaintext.serve_connection(connection).await {
+                    tracing::debug!(%peer, %error, "inbound plaintext connection ended");
+                }
+            }
+        },
+        &listener_config,
+        drain.clone(),
+    );
+
+    // Outbound (15001) and SOCKS5 (15080).
+    let outbound = Outbound::new(
+        OutboundConfig {
+            source,
+            local_node: (!config.args.node_name.is_empty()).then(|| config.args.node_name.as_str().into()),
+            mark: Some(sys::PROXY_MARK),
+            ..OutboundConfig::default()
+        },
+        state.clone(),
+        connector,
+        observers,
+    );
+    if config.args.enable_socks5 {
+        let socks = Socks5::new(outbound.clone(), Socks5Config::default());
+        let socks_listener = bind(SOCKS5_ADDR).await?;
+        spawn_serve(
+            socks_listener,
+            move |stream: TcpStream, peer: SocketAddr| {
+                let socks = socks.clone();
+                async move {
+                    if let Err(error) = socks.serve_connection(stream, peer).await {
+                        tracing::debug!(%peer, %error, "SOCKS5 connection ended");
+                    }
+                }
+            },
+            &listener_config,
+            drain.clone(),
+        );
+    }
+    let outbound_listener = bind(SocketAddr::new(any, OUTBOUND_PORT)).await?;
+    spawn_serve(outbound_listener, outbound, &listener_config, drain.clone());
+    listeners_ready.done();
+    tracing::info!(
+        identity = %config.own_identity,
+        "ztunnel serving: outbound :{OUTBOUND_PORT}, inbound HBONE :{INBOUND_HBONE_PORT}, inbound plaintext \
+         :{INBOUND_PLAINTEXT_PORT}, metrics :15020, readiness :15021, admin 127.0.0.1:15000"
+    );
+
+    // Until SIGTERM, Ctrl-C or /quitquitquit.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        result = tokio::signal::ctrl_c() => { result?; tracing::info!("interrupted: draining"); }
+        _ = quit_rx.wait_for(|quit| *quit) => tracing::info!("/quitquitquit: draining"),
+    }
+    // Listeners stop accepting at once; open connections get the drain deadline.
+    if tokio::time::timeout(
+        config.args.drain_deadline + Duration::from_secs(1),
+        drain_trigger.drain(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections still open after the drain deadline; closing them");
+    }
+    Ok(())
+}
+
+/// Serves `listener` with `handler` in its own task until the drain.
+fn spawn_serve<H: ConnectionHandler>(
+    listener: TcpListener,
+    handler: H,
+    config: &ListenerConfig,
+    drain: DrainWatch,
+) {
+    let config = config.clone();
+    tokio::spawn(async move {
+        let local = listener.local_addr().ok();
+        let summary = serve_tcp(listener, handler, &config, drain).await;
+        tracing::debug!(?local, ?summary, "listener stopped");
+    });
+}
+
+/// Binds a listener, saying which port could not be had.
+async fn bind(addr: SocketAddr) -> Result<TcpListener, BoxError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}").into())
+}
+
+/// The certificate source: the Istio CA (through the caching, rotating provider) or a SPIFFE Workload API.
+fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxError> {
+    match &config.certs {
+        CertSource::Spiffe { endpoint } => {
+            let provider = WorkloadApiCertProvider::new(WorkloadApiConfig::from_endpoint(endpoint)?)?;
+            Ok(Arc::new(provider))
+        }
+        CertSource::IstioCa { address } => {
+            let roots = config
+                .args
+                .ca_root_ca
+                .as_deref()
+                .unwrap_or(&config.args.xds_root_ca);
+            let mut grpc = GrpcClientConfig::new(address.clone());
+            if address.starts_with("https://") {
+                grpc = grpc.with_roots_pem(read_pem("CA_ROOT_CA", roots)?);
+            }
+            if let Some(name) = &config.args.alt_ca_hostname {
+                grpc = grpc.with_server_name(name.clone());
+            }
+            let signer = IstioCaSigner::new(
+                connect_lazy(&grpc)?,
+                credentials(config)?,
+                // A node proxy asks on behalf of its workloads; a dedicated one is its workload.
+                IstioCaConfig::default().with_impersonation(config.mode == ProxyMode::Shared),
+            );
+            Ok(Arc::new(CachingCertProvider::new(
+                Arc::new(signer),
+                CachingCertConfig {
+                    validity: config.args.secret_ttl,
+                    ..CachingCertConfig::default()
+                },
+            )))
+        }
+    }
+}
+
+/// The bearer token (a file if one exists at the path, else the literal) and `clusterid`.
+fn credentials(config: &Config) -> Result<CallCredentials, BoxError> {
+    let token = &config.args.auth_token;
+    let source = if Path::new(token).exists() {
+        TokenSource::File(token.into())
+    } else {
+        TokenSource::Literal(token.clone())
+    };
+    Ok(CallCredentials::bearer(source)?.with_cluster_id(&config.args.cluster_id)?)
+}
+
+/// PEM text, or the contents of the file it names.
+fn read_pem(variable: &str, value: &str) -> Result<Vec<u8>, BoxError> {
+    if value.contains("-----BEGIN") {
+        return Ok(value.as_bytes().to_vec());
+    }
+    std::fs::read(value).map_err(|e| format!("{variable}: cannot read {value}: {e}").into())
+}
+
+/// Starts whichever configuration source is configured and returns the state the proxies read. `ready`
+/// is marked done once the first configuration is in the state.
+async fn start_config_source(
+    config: &Config,
+    ready: ReadyToken,
+    drain: DrainWatch,
+) -> Result<ProxyState, BoxError> {
+    let snapshots = SnapshotPublisher::new();
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(L4PolicySet::default()));
+    let state = ProxyState::new(snapshots.subscribe(), policies_rx);
+    match &config.source {
+        ConfigSource::Xds { address } => {
+            let mut grpc = GrpcClientConfig::new(address.clone());
+            if address.starts_with("https://") {
+                grpc = grpc.with_roots_pem(read_pem("XDS_ROOT_CA", &config.args.xds_root_ca)?);
+            }
+            if let Some(name) = &config.args.alt_xds_hostname {
+                grpc = grpc.with_server_name(name.clone());
+            }
+            let node = ZtunnelNode {
+                instance_ip: config
+                    .args
+                    .instance_ip
+                    .map(|ip| ip.to_string())
+                    .unwrap_or_default(),
+                pod_name: config.args.pod_name.clone(),
+                pod_namespace: config.args.pod_namespace.clone(),
+                node_name: config.args.node_name.clone(),
+                cluster_id: Some(config.args.cluster_id.clone()),
+                metadata: Vec::new(),
+            };
+            let mut builder = AdsClientBuilder::new(node.to_proto());
+            let addresses = builder.watch::<XdsAddress>();
+            let mut policies = builder.watch::<XdsAuthorization>();
+            let (client, handle) = builder.build(connect_lazy(&grpc)?, credentials(config)?);
+            let stopping = drain.clone();
+            tokio::spawn(client.run(async move { stopping.signaled().await }));
+            let (built_tx, mut built) = watch::channel(0u64);
+            let first_revision = addresses.peek().revision();
+            tokio::spawn(publish_snapshots_reporting(
+                addresses.clone(),
+                snapshots,
+                built_tx,
+            ));
+            tokio::spawn(async move {
+                loop {
+                    let current = policies.current();
+                    let set = L4PolicySet::new(current.iter().map(|(_, policy)| policy.clone()));
+                    if policies_tx.send(Arc::new(set)).is_err() {
+                        return;
+                    }
+                    if policies.changed().await.is_none() {
+                        return;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                if handle.wait_ready().await.is_ok() {
+                    // Ready once the snapshot built from the first push is published (the ADS client is
+                    // ready before its derived state is).
+                    let target = addresses.peek().revision().max(first_revision + 1);
+                    let _ = built.wait_for(|revision| *revision >= target).await;
+                    tracing::info!("first xDS push applied");
+                    ready.done();
+                }
+            });
+        }
+        ConfigSource::File(path) => {
+            let watcher = LocalWatcher::start(
+                path,
+                local_options(config),
+                mesh_xds::local::DEFAULT_POLL_INTERVAL,
+            )
+            .await?;
+            let mut configs = watcher.subscribe();
+            apply_local(&configs.borrow_and_update(), &snapshots, &policies_tx);
+            ready.done();
+            tokio::spawn(async move {
+                // The watcher lives as long as this task.
+                let _watcher = watcher;
+                loop {
+                    tokio::select! {
+                        changed = configs.changed() => if changed.is_err() { return },
+                        () = drain.signaled() => return,
+                    }
+                    apply_local(&configs.borrow_and_update(), &snapshots, &policies_tx);
+                }
+            });
+        }
+        ConfigSource::Inline(text) => {
+            let local = mesh_xds::load_str(text, "LOCAL_XDS", &local_options(config))?;
+            apply_local(&local, &snapshots, &policies_tx);
+            ready.done();
+            // Nothing changes; keep the publishers alive for the receivers' sake.
+            tokio::spawn(async move {
+                drain.signaled().await;
+                drop((snapshots, policies_tx));
+            });
+        }
+    }
+    Ok(state)
+}
+
+fn local_options(config: &Config) -> LocalOptions {
+    LocalOptions {
+        cluster_id: config.args.cluster_id.clone(),
+        trust_domain: config.trust_domain.clone(),
+        ..LocalOptions::default()
+    }
+}
+
+/// Publishes a local configuration as the proxies' state.
+fn apply_local(
+    local: &LocalConfig,
+    snapshots: &SnapshotPublisher,
+    policies: &watch::Sender<Arc<L4PolicySet>>,
+) {
+    let mut builder = MeshSnapshot::builder();
+    builder.allow_unknown_services(true);
+    for workload in &local.workloads {
+        builder.add_workload(workload.clone());
+    }
+    for service in &local.services {
+        builder.add_service(service.clone());
+    }
+    let (snapshot, conflicts) = builder.build_lenient();
+    for conflict in conflicts {
+        tracing::warn!(%conflict, "local configuration conflict; the later entry is set aside");
+    }
+    snapshots.publish(snapshot);
+    policies.send_replace(Arc::new(L4PolicySet::new(local.policies.iter().cloned())));
+}
+
+/// In dedicated mode, the workload PROXY_WORKLOAD_INFO names, once the configuration has it (as Istio's
+/// ztunnel, which waits for it to appear).
+async fn wait_for_workload(
+    state: &ProxyState,
+    namespace: &str,
+    name: &str,
+    service_account: &str,
+) -> Result<Arc<Workload>, BoxError> {
+    let mut mesh = state.mesh.clone();
+    let wait = async {
+        loop {
+            let snapshot = mesh.current();
+            if let Some(workload) = snapshot.workloads().find(|w| {
+                &*w.namespace == namespace && &*w.name == name && &*w.service_account == service_account
+            }) {
+                return Some(workload.clone());
+            }
+            mesh.changed().await?;
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(60), wait).await {
+        Ok(Some(workload)) => Ok(workload),
+        Ok(None) => Err("the configuration source stopped before the workload appeared".into()),
+        Err(_) => Err(format!(
+            "PROXY_WORKLOAD_INFO: no workload {namespace}/{name} with service account {service_account} \
+             in the configuration after 60 s"
+        )
+        .into()),
+    }
+}
