@@ -23,13 +23,13 @@ use h2::client::SendRequest;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use mesh_core::{CertProvider, SpiffeId, tls};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use crate::config::HboneConfig;
 use crate::error::HboneError;
 use crate::headers::{BAGGAGE, Baggage, FORWARDED, Forwarded, TRACEPARENT, TraceParent};
+use crate::socket::{PlainSockets, SocketFactory};
 use crate::stream::HboneStream;
 
 /// A request to open one HBONE tunnel.
@@ -143,6 +143,7 @@ pub struct HboneConnector {
 struct Inner {
     config: HboneConfig,
     certs: Arc<dyn CertProvider>,
+    sockets: Arc<dyn SocketFactory>,
     pool: Mutex<Pool>,
     handshakes: AtomicU64,
 }
@@ -180,16 +181,37 @@ pub struct PoolStats {
 }
 
 impl HboneConnector {
-    /// A connector that presents certificates from `certs`.
+    /// A connector that presents certificates from `certs` and opens plain TCP connections
+    /// ([`PlainSockets`]).
     pub fn new(config: HboneConfig, certs: Arc<dyn CertProvider>) -> Self {
+        Self::with_parts(config, certs, Arc::new(PlainSockets))
+    }
+
+    fn with_parts(
+        config: HboneConfig,
+        certs: Arc<dyn CertProvider>,
+        sockets: Arc<dyn SocketFactory>,
+    ) -> Self {
         HboneConnector {
             inner: Arc::new(Inner {
                 config,
                 certs,
+                sockets,
                 pool: Mutex::new(Pool::default()),
                 handshakes: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// The same connector, opening its TCP connections through `sockets` (e.g.
+    /// [`MarkedSockets`](crate::MarkedSockets), so a node proxy's own traffic escapes capture). Pooling,
+    /// the connect timeout and error mapping are unchanged; tunnels opened with
+    /// [`HboneConnector::connect_over`] do not open sockets and so do not use it.
+    ///
+    /// Call it while building, before cloning or connecting: the result starts with an empty pool of its
+    /// own, and clones made earlier keep the old factory and pool.
+    pub fn with_socket_factory(self, sockets: Arc<dyn SocketFactory>) -> Self {
+        Self::with_parts(self.inner.config.clone(), self.inner.certs.clone(), sockets)
     }
 
     /// Opens a tunnel: reuses a pooled connection with room for a stream, or opens one.
@@ -263,6 +285,7 @@ impl fmt::Debug for HboneConnector {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HboneConnector")
             .field("config", &self.inner.config)
+            .field("sockets", &self.inner.sockets)
             .field("stats", &self.stats())
             .finish()
     }
@@ -319,7 +342,9 @@ impl Inner {
         let addr = request.destination;
         let timeout = self.config.connect_timeout;
         let connect = async {
-            let tcp = TcpStream::connect(addr)
+            let tcp = self
+                .sockets
+                .connect(addr)
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);

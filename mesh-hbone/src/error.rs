@@ -53,6 +53,25 @@ pub enum HboneError {
     /// No certificate for the source identity.
     #[error("no certificate for the source identity: {0}")]
     Certificate(#[from] mesh_core::Error),
+    /// The acceptor has no certificate to present on the address a connection arrived on: no workload
+    /// of this node has that address. The connection is closed before the TLS handshake.
+    #[error("no workload identity serves local address {local}")]
+    NoLocalIdentity {
+        /// The local address the connection arrived on.
+        local: SocketAddr,
+    },
+    /// The certificate (or the TLS configuration) of the workload a connection arrived for could not be
+    /// had, so the connection is closed before the TLS handshake.
+    #[error("no server certificate for {identity} (local address {local}): {source}")]
+    ServerCertificate {
+        /// The local address the connection arrived on.
+        local: SocketAddr,
+        /// The workload identity that address belongs to.
+        identity: mesh_core::SpiffeId,
+        /// Why: the certificate provider's error, or a configuration that could not be built (boxed to
+        /// keep every `Result<_, HboneError>` small).
+        source: Box<mesh_core::Error>,
+    },
     /// Socket-level failure while serving (accept, local address).
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),

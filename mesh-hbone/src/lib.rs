@@ -6,9 +6,12 @@
 //! ## Layout
 //! - [`HboneConnector`]: the client, a `tower::Service<ConnectRequest, Response = HboneStream>` that
 //!   pools HTTP/2 connections per (source identity, expected destination identities, destination address),
-//!   with one handshake in flight per key and stream limits per connection.
+//!   with one handshake in flight per key and stream limits per connection. Its TCP connections come from
+//!   a [`SocketFactory`] ([`MarkedSockets`] keeps a node proxy's own traffic out of capture).
 //! - [`HboneAcceptor`]: the server; answers protocol errors itself and hands each valid CONNECT as an
 //!   [`InboundTunnel`] to your `tower::Service`, which accepts it (200) or rejects it (401, 503, ...).
+//!   It presents one certificate, or per connection the one a [`ServerConfigSelector`] picks from the
+//!   local address ([`WorkloadConfigSelector`]: the workload at that IP, for a node proxy).
 //! - [`HboneStream`]: the tunnelled bytes, `AsyncRead + AsyncWrite`, with FIN and RST kept distinct.
 //! - [`headers`]: the `baggage`, `forwarded` and `traceparent` codecs.
 //! - [`HboneConfig`]: the wire contract's numbers (windows, frame size, stream limits, PING, pool).
@@ -69,7 +72,9 @@ mod config;
 mod error;
 pub mod headers;
 mod keepalive;
+mod select;
 mod server;
+mod socket;
 mod stream;
 #[cfg(feature = "testkit")]
 pub mod testkit;
@@ -77,5 +82,7 @@ pub mod testkit;
 pub use client::{ConnectRequest, HboneConnector, PoolStats};
 pub use config::HboneConfig;
 pub use error::HboneError;
+pub use select::{ServerConfigSelector, WorkloadConfigSelector};
 pub use server::{HboneAcceptor, InboundTunnel, PROXY_PORTS, TunnelTarget};
+pub use socket::{MarkedSockets, PlainSockets, SocketFactory};
 pub use stream::HboneStream;

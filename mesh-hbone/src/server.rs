@@ -6,6 +6,7 @@
 //! 15080), or a CONNECT IP other than the address the connection arrived on (checked unless the acceptor is
 //! told a waypoint decides that). Policy (`401`) and upstream failures (`503`) are the service's to answer.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,7 @@ use tower::{Service, ServiceExt};
 use crate::config::HboneConfig;
 use crate::error::HboneError;
 use crate::headers::Baggage;
+use crate::select::ServerConfigSelector;
 use crate::stream::HboneStream;
 
 /// The ports of the proxy itself, refused as tunnel targets so a tunnel cannot loop back into the proxy.
@@ -184,9 +186,26 @@ impl fmt::Debug for InboundTunnel {
 /// Serves HBONE on a listener: TLS, HTTP/2, protocol checks, then `service` per CONNECT.
 pub struct HboneAcceptor<S> {
     config: Arc<HboneConfig>,
-    tls: TlsAcceptor,
+    tls: ServerTls,
     service: S,
     check_destination: bool,
+}
+
+/// Where the acceptor's TLS configuration comes from.
+enum ServerTls {
+    /// One configuration for every connection (a dedicated proxy, a waypoint).
+    Fixed(TlsAcceptor),
+    /// Chosen per connection from its local address (a node proxy serving several workloads).
+    Selected(Arc<dyn ServerConfigSelector>),
+}
+
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServerTls::Fixed(_) => f.write_str("Fixed"),
+            ServerTls::Selected(selector) => f.debug_tuple("Selected").field(selector).finish(),
+        }
+    }
 }
 
 impl<S> HboneAcceptor<S>
@@ -194,11 +213,25 @@ where
     S: Service<InboundTunnel, Response = (), Error = Infallible> + Clone + Send + Sync + 'static,
     S::Future: Send + 'static,
 {
-    /// An acceptor presenting `tls` (see `mesh_core::tls::server_config`) and handing tunnels to `service`.
+    /// An acceptor presenting `tls` (see `mesh_core::tls::server_config`) on every connection and handing
+    /// tunnels to `service`.
     pub fn new(config: HboneConfig, tls: Arc<rustls::ServerConfig>, service: S) -> Self {
+        Self::with_tls(config, ServerTls::Fixed(TlsAcceptor::from(tls)), service)
+    }
+
+    /// An acceptor presenting, on each connection, the configuration `selector` picks for the local
+    /// address the connection arrived on (a node proxy presents the certificate of the workload at that
+    /// address: [`WorkloadConfigSelector`](crate::WorkloadConfigSelector)). Selection happens before the
+    /// TLS handshake and within `handshake_timeout`; a connection it fails for is closed without one, and
+    /// [`HboneAcceptor::serve`] logs why at debug level.
+    pub fn with_selector(config: HboneConfig, selector: Arc<dyn ServerConfigSelector>, service: S) -> Self {
+        Self::with_tls(config, ServerTls::Selected(selector), service)
+    }
+
+    fn with_tls(config: HboneConfig, tls: ServerTls, service: S) -> Self {
         HboneAcceptor {
             config: Arc::new(config),
-            tls: TlsAcceptor::from(tls),
+            tls,
             service,
             check_destination: true,
         }
@@ -269,7 +302,19 @@ where
     {
         let limit = self.config.handshake_timeout;
         let timed_out = |step| HboneError::Timeout { step, after: limit };
-        let tls_stream = tokio::time::timeout(limit, self.tls.accept(io))
+        // Choosing the certificate counts against the handshake's time, so a slow CA cannot make a silent
+        // client's connection outlive the limit.
+        let deadline = tokio::time::Instant::now() + limit;
+        let acceptor = match &self.tls {
+            ServerTls::Fixed(acceptor) => Cow::Borrowed(acceptor),
+            ServerTls::Selected(selector) => {
+                let config = tokio::time::timeout_at(deadline, selector.select(local_addr))
+                    .await
+                    .map_err(|_| timed_out("server certificate selection"))??;
+                Cow::Owned(TlsAcceptor::from(config))
+            }
+        };
+        let tls_stream = tokio::time::timeout_at(deadline, acceptor.accept(io))
             .await
             .map_err(|_| timed_out("TLS handshake"))?
             .map_err(|source| HboneError::Tls {
@@ -324,6 +369,7 @@ impl<S> fmt::Debug for HboneAcceptor<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HboneAcceptor")
             .field("config", &self.config)
+            .field("tls", &self.tls)
             .field("check_destination", &self.check_destination)
             .finish_non_exhaustive()
     }
