@@ -11,7 +11,9 @@ use mesh_core::cert::CachingCertConfig;
 use mesh_core::drain::{self, DrainWatch};
 use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
 use mesh_core::{CachingCertProvider, CertProvider, sys, tls};
-use mesh_hbone::{HboneAcceptor, HboneConfig, HboneConnector};
+use mesh_hbone::{
+    HboneAcceptor, HboneConfig, HboneConnector, MarkedSockets, ServerConfigSelector, WorkloadConfigSelector,
+};
 use mesh_policy::L4PolicySet;
 use mesh_proxy::access_log::AccessLog;
 use mesh_proxy::admin::{
@@ -101,15 +103,34 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 SourceLookup::Workload {
                     uid: workload.uid.clone(),
                 },
-                tls::server_config(cert, vec![config.trust_domain.clone()])?,
+                ServerTls::Fixed(tls::server_config(cert, vec![config.trust_domain.clone()])?),
             )
         }
         ProxyMode::Shared => {
-            return Err(
-                "shared (node) mode needs a certificate per served workload on port 15008, which this \
-                        build cannot select yet; run with PROXY_MODE=dedicated"
-                    .into(),
+            let node: Arc<str> = config.args.node_name.as_str().into();
+            // Each inbound connection presents the certificate of the node's workload it arrived for.
+            let mesh = state.mesh.clone();
+            let local_node = node.clone();
+            let selector = WorkloadConfigSelector::new(
+                move |local: SocketAddr| {
+                    let snapshot = mesh.current();
+                    let workload = snapshot.workload_by_ip("", local.ip())?;
+                    (workload.node == local_node)
+                        .then(|| workload.identity().ok())
+                        .flatten()
+                },
+                certs.clone(),
+                vec![config.trust_domain.clone()],
             );
+            prefetch_node_certificates(&state, &node, &certs).await;
+            tracing::info!(%node, "serving the node's workloads (shared mode)");
+            (
+                ServedWorkloads::Node(node),
+                SourceLookup::PeerIp {
+                    network: Arc::from(""),
+                },
+                ServerTls::PerWorkload(Arc::new(selector)),
+            )
         }
     };
     certs_ready.done();
@@ -119,7 +140,11 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         pool_idle_timeout: config.args.pool_idle_timeout,
         ..HboneConfig::default()
     };
-    let connector = HboneConnector::new(hbone.clone(), certs.clone());
+    // Marked, so that the capture rules leave the proxy's own connections alone.
+    let connector =
+        HboneConnector::new(hbone.clone(), certs.clone()).with_socket_factory(Arc::new(MarkedSockets {
+            mark: sys::PROXY_MARK,
+        }));
     let tracker = ConnectionTracker::new();
     {
         let (tracker, state, drain) = (tracker.clone(), state.clone(), drain.clone());
@@ -131,7 +156,10 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         Inbound::new(InboundConfig::new(served), state.clone(), tracker).with_observers(observers.clone());
     let plaintext = inbound.plaintext();
     let hbone_listener = bind(SocketAddr::new(any, INBOUND_HBONE_PORT)).await?;
-    let acceptor = HboneAcceptor::new(hbone, server_tls, inbound);
+    let acceptor = match server_tls {
+        ServerTls::Fixed(tls) => HboneAcceptor::new(hbone, tls, inbound),
+        ServerTls::PerWorkload(selector) => HboneAcceptor::with_selector(hbone, selector, inbound),
+    };
     tokio::spawn({
         let drain = drain.clone();
         async move {
@@ -227,6 +255,32 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         tracing::warn!("connections still open after the drain deadline; closing them");
     }
     Ok(())
+}
+
+/// The certificate inbound HBONE connections get.
+enum ServerTls {
+    /// One workload's (dedicated mode).
+    Fixed(Arc<rustls::ServerConfig>),
+    /// The destination workload's, by the address the connection arrived on (shared mode).
+    PerWorkload(Arc<dyn ServerConfigSelector>),
+}
+
+/// Fetches the certificates of the node's workloads before the proxy reports ready, as Istio's ztunnel
+/// does, so the first connection does not wait for the CA. Failures are logged; connections retry.
+async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<dyn CertProvider>) {
+    let snapshot = state.snapshot();
+    let identities: std::collections::BTreeSet<_> = snapshot
+        .workloads()
+        .filter(|w| &*w.node == node)
+        .filter_map(|w| w.identity().ok())
+        .collect();
+    for identity in identities {
+        match tokio::time::timeout(Duration::from_secs(10), certs.certificate(&identity)).await {
+            Ok(Ok(_)) => tracing::debug!(%identity, "certificate prefetched"),
+            Ok(Err(error)) => tracing::warn!(%identity, %error, "certificate prefetch failed"),
+            Err(_) => tracing::warn!(%identity, "certificate prefetch timed out"),
+        }
+    }
 }
 
 /// Serves `listener` with `handler` in its own task until the drain.

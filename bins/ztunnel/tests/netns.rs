@@ -85,22 +85,35 @@ struct Ztunnel {
 }
 
 impl Ztunnel {
-    fn start(node: &Netns, dir: &Path, workload: &str, token: &str) -> Ztunnel {
-        let token_file = dir.join(format!("{workload}.token"));
+    /// A dedicated-mode ztunnel for `workload` (namespace `default`, service account = name).
+    fn dedicated(node: &Netns, dir: &Path, workload: &str, token: &str) -> Ztunnel {
+        Self::start(
+            node,
+            dir,
+            workload,
+            token,
+            &[
+                ("PROXY_MODE", "dedicated".to_owned()),
+                ("PROXY_WORKLOAD_INFO", format!("default/{workload}/{workload}")),
+                ("NODE_NAME", format!("{workload}-node")),
+            ],
+        )
+    }
+
+    fn start(node: &Netns, dir: &Path, name: &str, token: &str, env: &[(&str, String)]) -> Ztunnel {
+        let token_file = dir.join(format!("{name}.token"));
         std::fs::write(&token_file, token).unwrap();
-        let log = dir.join(format!("ztunnel-{workload}.log"));
+        let log = dir.join(format!("ztunnel-{name}.log"));
         let child = node
             .command(env!("CARGO_BIN_EXE_ztunnel"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("PROXY_MODE", "dedicated")
-            .env("PROXY_WORKLOAD_INFO", format!("default/{workload}/{workload}"))
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("XDS_ADDRESS", format!("https://{SERVER_IP}:15012"))
             .env("XDS_ROOT_CA", dir.join("root.pem"))
             .env("AUTH_TOKEN", &token_file)
             .env("CLUSTER_ID", "Kubernetes")
-            .env("NODE_NAME", format!("{workload}-node"))
-            .env("POD_NAME", format!("ztunnel-{workload}"))
+            .env("POD_NAME", format!("ztunnel-{name}"))
             .env("IPV6_ENABLED", "false")
             .env("TERMINATION_GRACE_PERIOD_SECONDS", "2s")
             .env("RUST_LOG", "info")
@@ -209,60 +222,67 @@ fn round_trip(client: &Netns, message: &str) -> Result<String, String> {
         .unwrap()
 }
 
-#[test]
-fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
-    let client = Netns::create("client").expect("network namespaces are required for this test");
-    let server = Netns::create("server").unwrap();
-    netns::connect(
-        &client,
-        &format!("{CLIENT_IP}/24"),
-        &server,
-        &format!("{SERVER_IP}/24"),
-    )
-    .unwrap();
-    let dir = TempDir::new();
-    std::fs::write(dir.0.join("config/mesh.yaml"), mesh_yaml()).unwrap();
+/// The local control plane, running in a namespace on its own thread and runtime.
+struct ControlPlane {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), netns::NetnsError>>>,
+}
 
-    // The control plane, in the server namespace, reachable over the veth with per-proxy tokens.
-    let (root_tx, root_rx) = std::sync::mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let config_dir = dir.0.join("config");
-    let control_plane = server
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let td = TrustDomain::new("cluster.local").unwrap();
-                let ca = Arc::new(DevCa::new(td, Duration::from_secs(3600)).unwrap());
-                let mut config = ServerConfig::new(config_dir);
-                config.listen = format!("{SERVER_IP}:15012").parse().unwrap();
-                config.poll_interval = Duration::from_millis(100);
-                let id = |sa: &str| {
-                    SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap()
-                };
-                config.auth = ClientAuth::Authenticators(vec![Arc::new(
-                    StaticTokens::new()
-                        .with("client-token", Caller::new(id("client")))
-                        .with("server-token", Caller::new(id("server"))),
-                )]);
-                let server = Server::start(config, ca).await.unwrap();
-                root_tx.send(server.root_pem().to_owned()).unwrap();
-                let _ = stop_rx.await;
-                server.shutdown().await;
-            });
+impl ControlPlane {
+    /// Serves `dir/config` on `SERVER_IP:15012` inside `node`, accepting `tokens`; writes its root to
+    /// `dir/root.pem`.
+    fn start(node: &Netns, dir: &Path, tokens: StaticTokens) -> ControlPlane {
+        let (root_tx, root_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config_dir = dir.join("config");
+        let thread = node
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let td = TrustDomain::new("cluster.local").unwrap();
+                    let ca = Arc::new(DevCa::new(td, Duration::from_secs(3600)).unwrap());
+                    let mut config = ServerConfig::new(config_dir);
+                    config.listen = format!("{SERVER_IP}:15012").parse().unwrap();
+                    config.poll_interval = Duration::from_millis(100);
+                    config.auth = ClientAuth::Authenticators(vec![Arc::new(tokens)]);
+                    let server = Server::start(config, ca).await.unwrap();
+                    root_tx.send(server.root_pem().to_owned()).unwrap();
+                    let _ = stopped.await;
+                    server.shutdown().await;
+                });
+            })
+            .unwrap();
+        let root = root_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the control plane did not start");
+        std::fs::write(dir.join("root.pem"), root).unwrap();
+        ControlPlane {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap().unwrap();
+        }
+    }
+}
+
+/// An echo server on `ip:APP_PORT` inside `node` that prefixes each line with who it saw.
+fn echo_app(node: &Netns, ip: &str) {
+    let app = node
+        .run({
+            let ip = ip.to_owned();
+            move || TcpListener::bind(format!("{ip}:{APP_PORT}"))
         })
-        .unwrap();
-    let root = root_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the control plane did not start");
-    std::fs::write(dir.0.join("root.pem"), root).unwrap();
-
-    // The server application: an echo server that says who it saw.
-    let app = server
-        .run(|| TcpListener::bind(format!("{SERVER_IP}:{APP_PORT}")))
         .unwrap()
         .unwrap();
     std::thread::spawn(move || {
@@ -285,43 +305,37 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
             });
         }
     });
+}
 
-    // Capture the client application's traffic to the server into ztunnel (its own sockets carry mark
-    // 0x539 and are left alone), as Istio's dedicated-mode redirect does.
-    client
-        .iptables(&[
-            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-        ])
-        .unwrap();
-    client
-        .iptables(&[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &APP_PORT.to_string(),
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ])
-        .unwrap();
+/// Redirects the application traffic of `node` to `destinations:APP_PORT` into ztunnel's 15001, leaving
+/// ztunnel's own (marked) sockets alone, as Istio's dedicated-mode redirect does.
+fn capture(node: &Netns, destinations: &str) {
+    node.iptables(&[
+        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
+    ])
+    .unwrap();
+    node.iptables(&[
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        destinations,
+        "--dport",
+        &APP_PORT.to_string(),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ])
+    .unwrap();
+}
 
-    let server_proxy = Ztunnel::start(&server, &dir.0, "server", "server-token");
-    let client_proxy = Ztunnel::start(&client, &dir.0, "client", "client-token");
-    let logs = || {
-        format!(
-            "--- client ztunnel ---\n{}\n--- server ztunnel ---\n{}",
-            client_proxy.log(),
-            server_proxy.log()
-        )
-    };
-    for (node, ip) in [(&client, CLIENT_IP), (&server, SERVER_IP)] {
+/// Waits for each proxy's readiness endpoint to answer 200.
+fn wait_ready(nodes: &[(&Netns, &str)], logs: impl Fn() -> String) {
+    for (node, ip) in nodes {
         eventually(
             Duration::from_secs(30),
             "ztunnel readiness",
@@ -331,9 +345,50 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
                     Some((200, _))
                 )
             },
-            logs,
+            &logs,
         );
     }
+}
+
+#[test]
+fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
+    let client = Netns::create("client").expect("network namespaces are required for this test");
+    let server = Netns::create("server").unwrap();
+    netns::connect(
+        &client,
+        &format!("{CLIENT_IP}/24"),
+        &server,
+        &format!("{SERVER_IP}/24"),
+    )
+    .unwrap();
+    let dir = TempDir::new();
+    std::fs::write(dir.0.join("config/mesh.yaml"), mesh_yaml()).unwrap();
+
+    // The control plane, in the server namespace, reachable over the veth with per-proxy tokens.
+    let id = |sa: &str| SpiffeId::parse(&format!("spiffe://cluster.local/ns/default/sa/{sa}")).unwrap();
+    let control_plane = ControlPlane::start(
+        &server,
+        &dir.0,
+        StaticTokens::new()
+            .with("client-token", Caller::new(id("client")))
+            .with("server-token", Caller::new(id("server"))),
+    );
+
+    // The server application: an echo server that says who it saw.
+    echo_app(&server, SERVER_IP);
+
+    capture(&client, &format!("{SERVER_IP}/32"));
+
+    let server_proxy = Ztunnel::dedicated(&server, &dir.0, "server", "server-token");
+    let client_proxy = Ztunnel::dedicated(&client, &dir.0, "client", "client-token");
+    let logs = || {
+        format!(
+            "--- client ztunnel ---\n{}\n--- server ztunnel ---\n{}",
+            client_proxy.log(),
+            server_proxy.log()
+        )
+    };
+    wait_ready(&[(&client, CLIENT_IP), (&server, SERVER_IP)], logs);
 
     // Bytes through HBONE: the app sees the server ztunnel's connection, and both proxies count it as
     // mutual TLS with the client's identity.
@@ -405,6 +460,138 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
     let logs_before = logs();
     assert!(client_proxy.terminate().success(), "{logs_before}");
     assert!(server_proxy.terminate().success(), "{logs_before}");
-    let _ = stop_tx.send(());
-    control_plane.join().unwrap().unwrap();
+    control_plane.stop();
+}
+
+#[test]
+fn a_shared_node_proxy_presents_each_workloads_own_identity() {
+    const SERVER_B_IP: &str = "10.10.0.3";
+    let client = Netns::create("client").expect("network namespaces are required for this test");
+    let server = Netns::create("node").unwrap();
+    netns::connect(
+        &client,
+        &format!("{CLIENT_IP}/24"),
+        &server,
+        &format!("{SERVER_IP}/24"),
+    )
+    .unwrap();
+    // A second workload on the same node.
+    let veth = server.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
+    let device = String::from_utf8_lossy(&veth.stdout)
+        .split(':')
+        .nth(1)
+        .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
+        .unwrap();
+    server
+        .ip(&["addr", "add", &format!("{SERVER_B_IP}/24"), "dev", &device])
+        .unwrap();
+
+    let dir = TempDir::new();
+    std::fs::write(
+        dir.0.join("config/mesh.yaml"),
+        format!(
+            r#"
+workloads:
+- uid: Kubernetes//Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["{CLIENT_IP}"]
+  protocol: HBONE
+  node: client-node
+- uid: Kubernetes//Pod/default/server-a
+  name: server-a
+  namespace: default
+  serviceAccount: server-a
+  workloadIps: ["{SERVER_IP}"]
+  protocol: HBONE
+  node: server-node
+- uid: Kubernetes//Pod/default/server-b
+  name: server-b
+  namespace: default
+  serviceAccount: server-b
+  workloadIps: ["{SERVER_B_IP}"]
+  protocol: HBONE
+  node: server-node
+"#
+        ),
+    )
+    .unwrap();
+    let client_id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/client").unwrap();
+    let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
+    let control_plane = ControlPlane::start(
+        &server,
+        &dir.0,
+        StaticTokens::new()
+            .with("client-token", Caller::new(client_id))
+            .with("node-token", Caller::new(ztunnel_id).on_node("server-node")),
+    );
+    echo_app(&server, SERVER_IP);
+    echo_app(&server, SERVER_B_IP);
+    capture(&client, "10.10.0.0/24");
+
+    // The node proxy asks the CA for its workloads' certificates (impersonation), and picks the one to
+    // present by the address each connection arrives on.
+    let node_proxy = Ztunnel::start(
+        &server,
+        &dir.0,
+        "node",
+        "node-token",
+        &[
+            ("PROXY_MODE", "shared".to_owned()),
+            ("NODE_NAME", "server-node".to_owned()),
+        ],
+    );
+    let client_proxy = Ztunnel::dedicated(&client, &dir.0, "client", "client-token");
+    let logs = || {
+        format!(
+            "--- client ztunnel ---\n{}\n--- node ztunnel ---\n{}",
+            client_proxy.log(),
+            node_proxy.log()
+        )
+    };
+    wait_ready(&[(&client, CLIENT_IP), (&server, SERVER_IP)], logs);
+
+    for (ip, workload) in [(SERVER_IP, "server-a"), (SERVER_B_IP, "server-b")] {
+        let ip = ip.to_owned();
+        let reply = client
+            .run(move || -> Result<String, String> {
+                let addr: SocketAddr = format!("{ip}:{APP_PORT}").parse().unwrap();
+                let mut stream =
+                    TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .map_err(|e| e.to_string())?;
+                stream.write_all(b"hi\n").map_err(|e| e.to_string())?;
+                let mut reply = String::new();
+                BufReader::new(stream)
+                    .read_line(&mut reply)
+                    .map_err(|e| e.to_string())?;
+                Ok(reply.trim_end().to_owned())
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("round trip to {workload} failed: {e}\n{}", logs()));
+        assert!(reply.starts_with("echo hi from "), "{reply}");
+        // The client's proxy verified the destination's identity, so its metrics name it.
+        let principal = format!(r#"destination_principal="spiffe://cluster.local/ns/default/sa/{workload}""#);
+        eventually(
+            Duration::from_secs(10),
+            "the source's metrics naming the destination's identity",
+            || {
+                let (_, body) =
+                    http_get(&client, &format!("{CLIENT_IP}:15020"), "/metrics").unwrap_or_default();
+                body.lines().any(|l| {
+                    l.starts_with("istio_tcp_connections_opened_total{")
+                        && l.contains(r#"reporter="source""#)
+                        && l.contains(&principal)
+                })
+            },
+            logs,
+        );
+    }
+
+    let logs_before = logs();
+    assert!(client_proxy.terminate().success(), "{logs_before}");
+    assert!(node_proxy.terminate().success(), "{logs_before}");
+    control_plane.stop();
 }
