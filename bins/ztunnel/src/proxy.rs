@@ -28,7 +28,7 @@ use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::socks5::{Socks5, Socks5Config};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::{ConnectionObserver, Observers};
-use mesh_xds::client::{AdsClientBuilder, ZtunnelNode, publish_snapshots_reporting};
+use mesh_xds::client::{AdsClientBuilder, AdsHandle, ZtunnelNode, publish_snapshots_reporting};
 use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
 use mesh_xds::{
     IstioCaConfig, IstioCaSigner, LocalConfig, LocalOptions, LocalWatcher, WorkloadApiCertProvider,
@@ -75,7 +75,10 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     tokio::spawn(readiness_server.serve(Arc::new(ReadinessEndpoint::new(readiness.clone())), drain.clone()));
 
     let certs = cert_provider(&config)?;
-    let state = start_config_source(&config, config_ready, drain.clone()).await?;
+    let (state, ads) = start_config_source(&config, config_ready, drain.clone()).await?;
+    if let Some(ads) = ads {
+        register_xds_metrics(&metrics, ads)?;
+    }
 
     let admin = AdminEndpoint::new(Arc::new(
         StateDump::new(state.clone()).with_version(env!("CARGO_PKG_VERSION")),
@@ -298,6 +301,39 @@ fn spawn_serve<H: ConnectionHandler>(
     });
 }
 
+/// xDS health on the metrics endpoint, read from the ADS client's status at each scrape.
+fn register_xds_metrics(metrics: &Metrics, ads: AdsHandle) -> Result<(), BoxError> {
+    let status = ads.status_watch();
+    let connected = status.clone();
+    metrics.register_gauge(
+        "meshkit_xds_connected",
+        "1 while a delta-ADS stream to the control plane is open, else 0.",
+        move || if connected.borrow().connected { 1.0 } else { 0.0 },
+    )?;
+    let ready = ads.clone();
+    metrics.register_gauge(
+        "meshkit_xds_ready",
+        "1 once every subscribed xDS type has had its first response.",
+        move || if ready.is_ready() { 1.0 } else { 0.0 },
+    )?;
+    let connects = status.clone();
+    metrics.register_counter(
+        "meshkit_xds_connections_total",
+        "Delta-ADS streams opened to the control plane.",
+        move || connects.borrow().connects as f64,
+    )?;
+    let responses = status.clone();
+    metrics.register_counter("istio_xds_message_total", "xDS responses received.", move || {
+        responses.borrow().responses as f64
+    })?;
+    metrics.register_counter(
+        "meshkit_xds_nacks_total",
+        "xDS responses rejected in whole or in part (NACKed).",
+        move || status.borrow().nacks as f64,
+    )?;
+    Ok(())
+}
+
 /// Binds a listener, saying which port could not be had.
 async fn bind(addr: SocketAddr) -> Result<TcpListener, BoxError> {
     TcpListener::bind(addr)
@@ -367,10 +403,11 @@ async fn start_config_source(
     config: &Config,
     ready: ReadyToken,
     drain: DrainWatch,
-) -> Result<ProxyState, BoxError> {
+) -> Result<(ProxyState, Option<AdsHandle>), BoxError> {
     let snapshots = SnapshotPublisher::new();
     let (policies_tx, policies_rx) = watch::channel(Arc::new(L4PolicySet::default()));
     let state = ProxyState::new(snapshots.subscribe(), policies_rx);
+    let mut ads = None;
     match &config.source {
         ConfigSource::Xds { address } => {
             let mut grpc = GrpcClientConfig::new(address.clone());
@@ -396,6 +433,7 @@ async fn start_config_source(
             let addresses = builder.watch::<XdsAddress>();
             let mut policies = builder.watch::<XdsAuthorization>();
             let (client, handle) = builder.build(connect_lazy(&grpc)?, credentials(config)?);
+            ads = Some(handle.clone());
             let stopping = drain.clone();
             tokio::spawn(client.run(async move { stopping.signaled().await }));
             let (built_tx, mut built) = watch::channel(0u64);
@@ -461,7 +499,7 @@ async fn start_config_source(
             });
         }
     }
-    Ok(state)
+    Ok((state, ads))
 }
 
 fn local_options(config: &Config) -> LocalOptions {
