@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_core::cert::CachingCertConfig;
 use mesh_core::drain::{self, DrainWatch};
 use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
-use mesh_core::{CachingCertProvider, CertProvider, sys, tls};
+use mesh_core::{CachingCertProvider, CertProvider, CertWatch, sys, tls};
 use mesh_hbone::{
     HboneAcceptor, HboneConfig, HboneConnector, MarkedSockets, ServerConfigSelector, WorkloadConfigSelector,
 };
@@ -80,13 +80,22 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         register_xds_metrics(&metrics, ads)?;
     }
 
-    let admin = AdminEndpoint::new(Arc::new(
-        StateDump::new(state.clone()).with_version(env!("CARGO_PKG_VERSION")),
-    ))
-    .with_logging(logging)
-    .with_shutdown(move || {
-        quit_tx.send_replace(true);
-    });
+    // The certificates config_dump lists: the ones this proxy has fetched for its workloads.
+    let held_certs: Arc<std::sync::Mutex<Vec<CertWatch>>> = Arc::default();
+    let dump = StateDump::new(state.clone())
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .with_certificates({
+            let held = held_certs.clone();
+            move || match held.lock() {
+                Ok(watches) => watches.iter().map(CertWatch::current).collect(),
+                Err(_) => Vec::new(),
+            }
+        });
+    let admin = AdminEndpoint::new(Arc::new(dump))
+        .with_logging(logging)
+        .with_shutdown(move || {
+            quit_tx.send_replace(true);
+        });
     let admin_server = bind_admin(mesh_proxy::admin::ADMIN_ADDR, false, http).await?;
     tokio::spawn(admin_server.serve(Arc::new(admin), drain.clone()));
 
@@ -100,6 +109,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             let workload = wait_for_workload(&state, namespace, name, service_account).await?;
             let identity = workload.identity()?;
             let cert = certs.certificate(&identity).await?;
+            remember(&held_certs, cert.clone());
             tracing::info!(%identity, uid = %workload.uid, "serving one workload (dedicated mode)");
             (
                 ServedWorkloads::Workload(workload.uid.clone()),
@@ -125,7 +135,9 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 certs.clone(),
                 vec![config.trust_domain.clone()],
             );
-            prefetch_node_certificates(&state, &node, &certs).await;
+            for cert in prefetch_node_certificates(&state, &node, &certs).await {
+                remember(&held_certs, cert);
+            }
             tracing::info!(%node, "serving the node's workloads (shared mode)");
             (
                 ServedWorkloads::Node(node),
@@ -270,7 +282,12 @@ enum ServerTls {
 
 /// Fetches the certificates of the node's workloads before the proxy reports ready, as Istio's ztunnel
 /// does, so the first connection does not wait for the CA. Failures are logged; connections retry.
-async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<dyn CertProvider>) {
+async fn prefetch_node_certificates(
+    state: &ProxyState,
+    node: &str,
+    certs: &Arc<dyn CertProvider>,
+) -> Vec<CertWatch> {
+    let mut fetched = Vec::new();
     let snapshot = state.snapshot();
     let identities: std::collections::BTreeSet<_> = snapshot
         .workloads()
@@ -279,10 +296,21 @@ async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<
         .collect();
     for identity in identities {
         match tokio::time::timeout(Duration::from_secs(10), certs.certificate(&identity)).await {
-            Ok(Ok(_)) => tracing::debug!(%identity, "certificate prefetched"),
+            Ok(Ok(watch)) => {
+                tracing::debug!(%identity, "certificate prefetched");
+                fetched.push(watch);
+            }
             Ok(Err(error)) => tracing::warn!(%identity, %error, "certificate prefetch failed"),
             Err(_) => tracing::warn!(%identity, "certificate prefetch timed out"),
         }
+    }
+    fetched
+}
+
+/// Adds a certificate watch to the ones config_dump lists.
+fn remember(held: &std::sync::Mutex<Vec<CertWatch>>, watch: CertWatch) {
+    if let Ok(mut watches) = held.lock() {
+        watches.push(watch);
     }
 }
 
