@@ -244,4 +244,25 @@ pub enum ProxyError {
         /// The name given.
         name: String,
     },
+
+    // In-pod mode (`inpod`).
+    /// The ZDS conversation with istio-cni failed: connecting, a malformed message, a protocol violation.
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Zds(#[from] crate::inpod::ZdsError),
+
+    /// A pod's network namespace could not be used (not a namespace file, or joining it failed).
+    #[error("pod network namespace: {0}")]
+    PodNetns(#[source] io::Error),
+
+    /// A listener could not be bound inside a pod's network namespace (port taken, no permission for the
+    /// mark).
+    #[error("binding {addr} in the pod's network namespace: {source}")]
+    PodBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
 }

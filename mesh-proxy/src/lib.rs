@@ -28,6 +28,8 @@
 //! - [`access_log`]: [`access_log::AccessLog`], ztunnel's one structured event per connection.
 //! - [`admin`]: the bounded HTTP/1.1 servers for admin (`127.0.0.1:15000`: config dump, logging,
 //!   quitquitquit), metrics (`:15020`) and readiness (`:15021`, [`admin::Readiness`]).
+//! - `inpod` (Linux): Istio's in-pod mode, the ZDS client that takes pods (and their network
+//!   namespaces) from istio-cni, and each pod's listeners bound inside its namespace.
 //!
 //! The rest of the node proxy (issue "ztunnel") is being built.
 //!
@@ -71,6 +73,8 @@ pub mod conntrack;
 pub mod error;
 pub mod forward;
 pub mod inbound;
+#[cfg(target_os = "linux")]
+pub mod inpod;
 pub mod listener;
 pub mod metrics;
 pub mod outbound;
