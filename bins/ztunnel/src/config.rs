@@ -127,6 +127,19 @@ pub(crate) struct Args {
     /// Idle pooled HBONE connections close after this.
     #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", value_name = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
+    /// In shared mode, take pods from istio-cni over the ZDS socket and serve each inside its own network
+    /// namespace (Istio's in-pod mode). Off, the proxy serves the node's workloads from the node's own
+    /// namespace, finding them by address (for setups without istio-cni).
+    #[arg(long, env = "INPOD_ENABLED", value_name = "INPOD_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub inpod_enabled: bool,
+    /// The ZDS socket istio-cni listens on.
+    #[arg(
+        long,
+        env = "INPOD_UDS",
+        value_name = "INPOD_UDS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub inpod_uds: PathBuf,
     /// Worker threads of the data path runtime (default: max(2, a quarter of the cores)).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", value_name = "ZTUNNEL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,

@@ -50,7 +50,7 @@ const SOCKS5_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST),
 /// Runs the node proxy until SIGTERM (or `/quitquitquit`), then drains for the configured deadline.
 pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<(), BoxError> {
     let (drain_trigger, drain) = drain::channel();
-    let (quit_tx, mut quit_rx) = watch::channel(false);
+    let (quit_tx, quit_rx) = watch::channel(false);
     let readiness = Readiness::new();
     let certs_ready = readiness.register("workload certificates");
     let config_ready = readiness.register("configuration (first xDS push or local file)");
@@ -98,6 +98,48 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         });
     let admin_server = bind_admin(mesh_proxy::admin::ADMIN_ADDR, false, http).await?;
     tokio::spawn(admin_server.serve(Arc::new(admin), drain.clone()));
+
+    let hbone = HboneConfig {
+        pool_max_streams_per_connection: config.args.pool_max_streams as usize,
+        pool_idle_timeout: config.args.pool_idle_timeout,
+        ..HboneConfig::default()
+    };
+    let tracker = ConnectionTracker::new();
+    {
+        let (tracker, state, drain) = (tracker.clone(), state.clone(), drain.clone());
+        tokio::spawn(async move { tracker.run(state, drain).await });
+    }
+
+    // In-pod mode: istio-cni hands us the pods; each gets its own listeners in its own namespace.
+    if config.mode == ProxyMode::Shared && config.args.inpod_enabled {
+        let context = crate::inpod::PodContext {
+            state: state.clone(),
+            certs: certs.clone(),
+            trust_domain: config.trust_domain.clone(),
+            hbone: hbone.clone(),
+            listener: ListenerConfig {
+                drain_deadline: config.args.drain_deadline,
+                ..ListenerConfig::default()
+            },
+            observers: observers.clone(),
+            tracker: tracker.clone(),
+            local_node: Some(config.args.node_name.as_str().into()),
+        };
+        mesh_proxy::inpod::verify_capabilities(Some(sys::PROXY_MARK))?;
+        let (zds, _pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;
+        let mut status = zds.status();
+        tokio::spawn(zds.run(drain.clone()));
+        // Pods fetch their certificates as they arrive.
+        certs_ready.done();
+        tokio::spawn(async move {
+            if status.wait_for(|status| status.ready()).await.is_ok() {
+                tracing::info!("in-pod: istio-cni's snapshot of the node's pods is served");
+                listeners_ready.done();
+            }
+        });
+        tracing::info!(socket = %config.args.inpod_uds.display(), "ztunnel in in-pod mode: waiting for pods from istio-cni");
+        return shut_down_on_signal(&config, quit_rx, drain_trigger).await;
+    }
 
     // Who this proxy serves, and with which certificate on 15008.
     let (served, source, server_tls) = match &config.mode {
@@ -150,22 +192,11 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     };
     certs_ready.done();
 
-    let hbone = HboneConfig {
-        pool_max_streams_per_connection: config.args.pool_max_streams as usize,
-        pool_idle_timeout: config.args.pool_idle_timeout,
-        ..HboneConfig::default()
-    };
     // Marked, so that the capture rules leave the proxy's own connections alone.
     let connector =
         HboneConnector::new(hbone.clone(), certs.clone()).with_socket_factory(Arc::new(MarkedSockets {
             mark: sys::PROXY_MARK,
         }));
-    let tracker = ConnectionTracker::new();
-    {
-        let (tracker, state, drain) = (tracker.clone(), state.clone(), drain.clone());
-        tokio::spawn(async move { tracker.run(state, drain).await });
-    }
-
     // Inbound HBONE (15008) and plaintext (15006).
     let inbound =
         Inbound::new(InboundConfig::new(served), state.clone(), tracker).with_observers(observers.clone());
@@ -252,24 +283,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
          :{INBOUND_PLAINTEXT_PORT}, metrics :15020, readiness :15021, admin 127.0.0.1:15000"
     );
 
-    // Until SIGTERM, Ctrl-C or /quitquitquit.
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        result = tokio::signal::ctrl_c() => { result?; tracing::info!("interrupted: draining"); }
-        _ = quit_rx.wait_for(|quit| *quit) => tracing::info!("/quitquitquit: draining"),
-    }
-    // Listeners stop accepting at once; open connections get the drain deadline.
-    if tokio::time::timeout(
-        config.args.drain_deadline + Duration::from_secs(1),
-        drain_trigger.drain(),
-    )
-    .await
-    .is_err()
-    {
-        tracing::warn!("connections still open after the drain deadline; closing them");
-    }
-    Ok(())
+    shut_down_on_signal(&config, quit_rx, drain_trigger).await
 }
 
 /// The certificate inbound HBONE connections get.
@@ -312,6 +326,32 @@ fn remember(held: &std::sync::Mutex<Vec<CertWatch>>, watch: CertWatch) {
     if let Ok(mut watches) = held.lock() {
         watches.push(watch);
     }
+}
+
+/// Waits for SIGTERM, Ctrl-C or `/quitquitquit`, then drains: listeners stop accepting at once, open
+/// connections get the drain deadline.
+async fn shut_down_on_signal(
+    config: &Config,
+    mut quit_rx: watch::Receiver<bool>,
+    drain_trigger: drain::DrainTrigger,
+) -> Result<(), BoxError> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        result = tokio::signal::ctrl_c() => { result?; tracing::info!("interrupted: draining"); }
+        _ = quit_rx.wait_for(|quit| *quit) => tracing::info!("/quitquitquit: draining"),
+    }
+    // Listeners stop accepting at once; open connections get the drain deadline.
+    if tokio::time::timeout(
+        config.args.drain_deadline + Duration::from_secs(1),
+        drain_trigger.drain(),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("connections still open after the drain deadline; closing them");
+    }
+    Ok(())
 }
 
 /// Serves `listener` with `handler` in its own task until the drain.
