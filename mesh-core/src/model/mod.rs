@@ -490,17 +490,24 @@ impl Endpoint {
     /// The port on this endpoint that `service_port` of `service` forwards to: the endpoint's own mapping
     /// if it sets one, else the service's target port. `None` if neither does (the port is not served).
     pub fn target_port(&self, service: &Service, service_port: u16) -> Option<u16> {
-        self.port_map
-            .get(&service_port)
-            .copied()
-            .filter(|&port| port != 0)
-            .or_else(|| {
-                service
-                    .port(service_port)
-                    .map(|p| p.target_port)
-                    .filter(|&port| port != 0)
-            })
+        target_port(Some(&self.port_map), service, service_port)
     }
+}
+
+/// The port a workload serves `service_port` of `service` on: the workload's own mapping for the service
+/// (`port_map`, from its `services` entry) if it sets one, else the service's target port. `None` if
+/// neither does (the port is not served). Zero means "not set" in both places, as in Istio's protos.
+pub fn target_port(port_map: Option<&PortMap>, service: &Service, service_port: u16) -> Option<u16> {
+    port_map
+        .and_then(|ports| ports.get(&service_port))
+        .copied()
+        .filter(|&port| port != 0)
+        .or_else(|| {
+            service
+                .port(service_port)
+                .map(|p| p.target_port)
+                .filter(|&port| port != 0)
+        })
 }
 
 /// Why a model object or a snapshot was rejected. Each variant names the objects involved, so the caller

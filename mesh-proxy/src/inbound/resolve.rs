@@ -260,22 +260,12 @@ fn service_by_hostname(
 /// The target port of `service_port`: the workload's own mapping for the service if it has one (a named
 /// port), else the service's.
 fn target_port(workload: &Workload, service: &Service, service_port: u16) -> Result<u16, ProxyError> {
-    workload
-        .services
-        .get(&service.key())
-        .and_then(|ports| ports.get(&service_port))
-        .copied()
-        .filter(|&port| port != 0)
-        .or_else(|| {
-            service
-                .port(service_port)
-                .map(|p| p.target_port)
-                .filter(|&port| port != 0)
-        })
-        .ok_or_else(|| ProxyError::NoTargetPort {
+    mesh_core::model::target_port(workload.services.get(&service.key()), service, service_port).ok_or_else(
+        || ProxyError::NoTargetPort {
             service: service.key(),
             port: service_port,
-        })
+        },
+    )
 }
 
 /// The PROXY header's target: the CONNECT address, or for a hostname the service's VIP on our network
