@@ -7,6 +7,11 @@
 //!
 //! It can also issue a TLS *server* certificate with DNS and IP SANs ([`DevCa::issue_server`]): the serving
 //! identity of a local control plane, which clients verify like istiod's (by DNS name, not by SPIFFE ID).
+//!
+//! Istio's ztunnel has `FAKE_CA` for the same purpose, with a root and key compiled into the binary so that
+//! every instance trusts every other. We keep no private key in the repository: instead a root is generated
+//! once ([`DevCa::new`], written out by `meshctl dev-ca init` with [`DevCa::root_key_pem`]) and every
+//! process that should share it loads it from disk with [`DevCa::from_pem`].
 
 use std::fmt;
 use std::net::IpAddr;
@@ -18,7 +23,11 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
     SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::cert::{CertSigner, SignRequest, SignedCert, WorkloadCert};
 use crate::error::Error;
@@ -81,6 +90,89 @@ impl DevCa {
             max_validity,
             root_not_after,
         })
+    }
+
+    /// Loads a CA from a PEM root certificate and its PEM private key (PKCS#8, SEC1 or PKCS#1), as written
+    /// by `meshctl dev-ca init`, so that several processes issue certificates under one root and trust each
+    /// other. Leaves it signs live at most `max_validity` and carry identities of `trust_domain`.
+    ///
+    /// Refused with [`Error::Malformed`] (whose reason never quotes key material): a file that does not
+    /// hold exactly one certificate or a private key, a certificate that is not a CA (basicConstraints) or
+    /// may not sign certificates (keyUsage), one that has expired, a key that is not the certificate's,
+    /// and a root whose leaves would not verify against it (checked by issuing and verifying one).
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        trust_domain: TrustDomain,
+        max_validity: Duration,
+    ) -> Result<Self, Error> {
+        let root = single_certificate(cert_pem)?;
+        let root_not_after = check_ca_certificate(&root)?;
+        let key = ca_key(key_pem)?;
+        let (_, parsed) =
+            X509Certificate::from_der(&root).map_err(|e| Error::malformed("CA certificate", e))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::malformed(
+                "CA private key",
+                "it is not the key of the CA certificate",
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_der(&root, key)?;
+        let ca = DevCa {
+            trust_domain,
+            root,
+            root_pem: cert_pem.trim().to_owned() + "\n",
+            issuer,
+            max_validity,
+            root_not_after,
+        };
+        ca.self_test()?;
+        Ok(ca)
+    }
+
+    /// The root's private key, PEM-encoded (PKCS#8): for `meshctl dev-ca init`, which writes it to a file
+    /// only its owner can read, so that other processes can [`DevCa::from_pem`] the same root. Anyone with
+    /// it can issue any identity in this trust domain; never log it.
+    pub fn root_key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a leaf and verifies it against the root, as a peer would: a loaded root whose subject does
+    /// not re-encode identically (so issuer and subject names would not match) or that webpki refuses as a
+    /// trust anchor fails here, at load, instead of in every handshake.
+    fn self_test(&self) -> Result<(), Error> {
+        let probe = SpiffeId::istio(&self.trust_domain, "dev-ca", "self-test")?;
+        let now = SystemTime::now();
+        let spec = LeafSpec {
+            uri_sans: vec![probe.as_str().to_owned()],
+            not_before: now - CLOCK_SKEW_ALLOWANCE,
+            not_after: now + CLOCK_SKEW_ALLOWANCE,
+        };
+        let (chain, _key) = self.issue_raw(&spec)?;
+        let refused = |e: webpki::Error| {
+            Error::malformed(
+                "CA certificate",
+                format!("a leaf it signs does not verify against it: {e}"),
+            )
+        };
+        let anchor = webpki::anchor_from_trusted_cert(&self.root).map_err(refused)?;
+        let leaf = webpki::EndEntityCert::try_from(&chain[0]).map_err(refused)?;
+        let algorithms = crate::tls::crypto_provider()
+            .signature_verification_algorithms
+            .all;
+        for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
+            leaf.verify_for_usage(
+                algorithms,
+                std::slice::from_ref(&anchor),
+                &[],
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .map_err(refused)?;
+        }
+        Ok(())
     }
 
     /// The trust domain this CA issues identities in.
@@ -223,6 +315,83 @@ impl CertSigner for DevCa {
     }
 }
 
+/// The one certificate of a PEM text (a CA file with a chain in it would leave unclear which one signs).
+fn single_certificate(pem: &str) -> Result<CertificateDer<'static>, Error> {
+    let mut certs = CertificateDer::pem_slice_iter(pem.as_bytes());
+    let first = match certs.next() {
+        Some(Ok(cert)) => cert,
+        Some(Err(e)) => {
+            return Err(Error::malformed(
+                "CA certificate",
+                crate::cert::file::pem_error(&e),
+            ));
+        }
+        None => return Err(Error::malformed("CA certificate", "no CERTIFICATE block")),
+    };
+    if certs.next().is_some() {
+        return Err(Error::malformed(
+            "CA certificate",
+            "more than one certificate: give the root alone",
+        ));
+    }
+    Ok(first)
+}
+
+/// Checks that `cert` may sign certificates and has not expired; returns its expiry.
+fn check_ca_certificate(cert: &CertificateDer<'_>) -> Result<SystemTime, Error> {
+    let (rest, parsed) =
+        X509Certificate::from_der(cert).map_err(|e| Error::malformed("CA certificate", e))?;
+    if !rest.is_empty() {
+        return Err(Error::malformed(
+            "CA certificate",
+            "trailing data after the certificate",
+        ));
+    }
+    let is_ca = parsed
+        .basic_constraints()
+        .map_err(|e| Error::malformed("CA certificate", e))?
+        .is_some_and(|ext| ext.value.ca);
+    if !is_ca {
+        return Err(Error::malformed(
+            "CA certificate",
+            "not a CA certificate (basicConstraints cA is not set)",
+        ));
+    }
+    let key_usage = parsed
+        .key_usage()
+        .map_err(|e| Error::malformed("CA certificate", e))?;
+    if key_usage.is_some_and(|ext| !ext.value.key_cert_sign()) {
+        return Err(Error::malformed(
+            "CA certificate",
+            "its keyUsage does not allow keyCertSign",
+        ));
+    }
+    let not_after = parsed.validity().not_after.timestamp();
+    let not_after = u64::try_from(not_after)
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if not_after <= SystemTime::now() {
+        return Err(Error::malformed(
+            "CA certificate",
+            format!("expired at {}", parsed.validity().not_after),
+        ));
+    }
+    Ok(not_after)
+}
+
+/// The CA's signing key from PEM. Errors name the problem, never the bytes: this is the one secret a dev
+/// mesh has.
+fn ca_key(pem: &str) -> Result<KeyPair, Error> {
+    let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| Error::malformed("CA private key", crate::cert::file::pem_error(&e)))?;
+    KeyPair::try_from(&der).map_err(|_| {
+        Error::malformed(
+            "CA private key",
+            "not an ECDSA (P-256, P-384), Ed25519 or RSA key that can sign certificates",
+        )
+    })
+}
+
 fn leaf_params(spec: &LeafSpec) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -315,5 +484,144 @@ mod tests {
             ca().issue_server(&["bad\u{e9}name"], &[], Duration::from_secs(60))
                 .is_err()
         );
+    }
+
+    /// Verifies `leaf` against `root` as both ends of mutual TLS do.
+    fn verifies_against(leaf: &CertificateDer<'_>, root: &CertificateDer<'_>) -> Result<(), webpki::Error> {
+        let anchor = webpki::anchor_from_trusted_cert(root)?;
+        let leaf = webpki::EndEntityCert::try_from(leaf)?;
+        let algorithms = crate::tls::crypto_provider()
+            .signature_verification_algorithms
+            .all;
+        for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
+            leaf.verify_for_usage(
+                algorithms,
+                std::slice::from_ref(&anchor),
+                &[],
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    #[test]
+    fn a_ca_loaded_from_pem_issues_under_the_same_root() {
+        let original = ca();
+        let key_pem = original.root_key_pem();
+        assert!(
+            key_pem.starts_with("-----BEGIN PRIVATE KEY-----"),
+            "PKCS#8 expected"
+        );
+        let loaded = DevCa::from_pem(original.root_pem(), &key_pem, td(), Duration::from_secs(30)).unwrap();
+        assert_eq!(loaded.root_cert(), original.root_cert());
+        assert_eq!(loaded.trust_domain(), &td());
+        let identity = SpiffeId::istio(&td(), "default", "client").unwrap();
+        let cert = loaded.issue(&identity, Duration::from_secs(3600)).unwrap();
+        verifies_against(&cert.chain()[0], original.root_cert()).unwrap();
+        // The loaded CA's own cap applies, not the original's.
+        let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
+        assert!(
+            lifetime <= Duration::from_secs(30) + CLOCK_SKEW_ALLOWANCE,
+            "{lifetime:?}"
+        );
+        // ... and the original trusts it back.
+        let back = original.issue(&identity, Duration::from_secs(60)).unwrap();
+        verifies_against(&back.chain()[0], loaded.root_cert()).unwrap();
+        // A second load of the same files is the same root again.
+        let again = DevCa::from_pem(
+            loaded.root_pem(),
+            &loaded.root_key_pem(),
+            td(),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(again.root_cert(), original.root_cert());
+    }
+
+    #[test]
+    fn a_root_made_elsewhere_with_a_p384_key_and_printable_names_loads() {
+        // Another tool's root: a P-384 key, PrintableString names and a subject key identifier. Leaves must
+        // name it as issuer byte for byte, which the self-test at load checks.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(
+            DnType::CountryName,
+            rcgen::DnValue::PrintableString("NL".try_into().unwrap()),
+        );
+        name.push(
+            DnType::CommonName,
+            rcgen::DnValue::PrintableString("Other Root".try_into().unwrap()),
+        );
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let root = params.self_signed(&key).unwrap();
+        let loaded =
+            DevCa::from_pem(&root.pem(), &key.serialize_pem(), td(), Duration::from_secs(60)).unwrap();
+        let identity = SpiffeId::istio(&td(), "default", "client").unwrap();
+        let cert = loaded.issue(&identity, Duration::from_secs(60)).unwrap();
+        verifies_against(&cert.chain()[0], root.der()).unwrap();
+    }
+
+    #[test]
+    fn unusable_ca_material_is_refused_without_quoting_the_key() {
+        let (a, b) = (ca(), ca());
+        let refuse = |cert: &str, key: &str| {
+            let error = DevCa::from_pem(cert, key, td(), Duration::from_secs(60)).expect_err("refused");
+            assert!(matches!(error, Error::Malformed { .. }), "{error}");
+            error.to_string()
+        };
+        let message = refuse(a.root_pem(), &b.root_key_pem());
+        assert!(message.contains("not the key of the CA certificate"), "{message}");
+        // A chain instead of the root alone.
+        let both = format!("{}{}", a.root_pem(), b.root_pem());
+        assert!(refuse(&both, &a.root_key_pem()).contains("more than one certificate"));
+        assert!(refuse("", &a.root_key_pem()).contains("no CERTIFICATE block"));
+        // A certificate that is not a CA, or a CA that may not sign certificates.
+        for (is_ca, usages, expected) in [
+            (IsCa::ExplicitNoCa, vec![], "not a CA certificate"),
+            (
+                IsCa::Ca(BasicConstraints::Unconstrained),
+                vec![KeyUsagePurpose::DigitalSignature],
+                "keyCertSign",
+            ),
+        ] {
+            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::default();
+            params.is_ca = is_ca;
+            params.key_usages = usages;
+            let cert = params.self_signed(&key).unwrap();
+            let message = refuse(&cert.pem(), &key.serialize_pem());
+            assert!(message.contains(expected), "{message}");
+        }
+        // A damaged key names the problem, not the bytes.
+        let key = a.root_key_pem();
+        let truncated = &key[..key.len() / 2];
+        let message = refuse(a.root_pem(), truncated);
+        let body = truncated.lines().nth(1).unwrap();
+        assert!(!message.contains(body), "{message}");
+        assert!(refuse(a.root_pem(), "").contains("no PEM block"));
+    }
+
+    #[test]
+    fn an_expired_root_is_refused() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let now = SystemTime::now();
+        params.not_before = (now - Duration::from_secs(7200)).into();
+        params.not_after = (now - Duration::from_secs(3600)).into();
+        let root = params.self_signed(&key).unwrap();
+        let error = DevCa::from_pem(&root.pem(), &key.serialize_pem(), td(), Duration::from_secs(60))
+            .expect_err("refused");
+        assert!(error.to_string().contains("expired"), "{error}");
     }
 }

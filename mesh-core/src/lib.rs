@@ -8,7 +8,8 @@
 //! ## Layout
 //! - [`identity`]: [`TrustDomain`], [`SpiffeId`] (strict parsing, Istio helpers), [`PeerIdentity`].
 //! - [`cert`]: [`WorkloadCert`], the object-safe [`CertProvider`] and [`CertSigner`] traits, and
-//!   [`CachingCertProvider`], which fetches on demand, coalesces, and rotates at half life.
+//!   [`CachingCertProvider`], which fetches on demand, coalesces, and rotates at half life, and
+//!   [`FileCertProvider`], which serves certificates another system writes to disk.
 //! - [`tls`]: rustls server and client configurations for SPIFFE mutual TLS (TLS 1.3, ALPN `h2`), their
 //!   verifiers, and peer-identity extraction.
 //! - `ca` (feature `dev-ca`): `DevCa`, a development certificate authority that signs SPIFFE CSRs.
@@ -45,6 +46,8 @@ pub mod tls;
 
 #[cfg(feature = "dev-ca")]
 pub use ca::DevCa;
-pub use cert::{CachingCertProvider, CertProvider, CertSigner, CertWatch, WorkloadCert};
+pub use cert::{
+    CachingCertProvider, CertFiles, CertProvider, CertSigner, CertWatch, FileCertProvider, WorkloadCert,
+};
 pub use error::{Error, IdentityErrorKind, SvidErrorKind};
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};

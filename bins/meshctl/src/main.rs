@@ -7,10 +7,14 @@
 //!
 //! `meshctl control-plane` runs the local control plane (`mesh_xds::server::Server`) on its own, for our
 //! proxies or Istio's ztunnel to connect to.
+//!
+//! `meshctl dev-ca init` writes a development root (certificate and key) for several local processes to
+//! share.
 #![forbid(unsafe_code)]
 
 mod control_plane;
 mod demo;
+mod dev_ca;
 
 use std::process::ExitCode;
 
@@ -30,6 +34,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Serve delta ADS and the Istio CA from YAML files, as istiod does on port 15012, until interrupted.
     ControlPlane(control_plane::ControlPlaneArgs),
+    /// Manage a development CA shared by local processes (`init` writes its root and key).
+    DevCa(dev_ca::DevCaArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => runtime.block_on(demo::run(args)),
         Command::ControlPlane(args) => runtime.block_on(control_plane::run(args)),
+        Command::DevCa(args) => dev_ca::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

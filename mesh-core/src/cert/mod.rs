@@ -9,8 +9,11 @@
 //!   `DevCa`).
 //! - [`CachingCertProvider`]: a `CertProvider` over a `CertSigner` that fetches on demand, coalesces
 //!   concurrent requests, and refreshes at half life.
+//! - [`FileCertProvider`]: a `CertProvider` over PEM files that another system issues (cert-manager,
+//!   Vault, a mounted Secret), reloaded when they change.
 
 pub(crate) mod caching;
+pub(crate) mod file;
 pub(crate) mod svid;
 
 use std::fmt;
@@ -23,7 +26,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 use tokio::sync::watch;
 
 pub use caching::{CachingCertConfig, CachingCertProvider};
-pub use svid::svid_identity;
+pub use file::{
+    CERT_CHAIN_FILE, CertFiles, DEFAULT_FILE_POLL_INTERVAL, FileCertError, FileCertProvider, KEY_FILE,
+    MAX_PEM_FILE_BYTES, MIN_FILE_POLL_INTERVAL, ROOT_CERT_FILE,
+};
+pub use svid::{svid_identity, verify_chain};
 
 use crate::error::Error;
 use crate::identity::SpiffeId;

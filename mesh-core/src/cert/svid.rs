@@ -2,7 +2,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -24,6 +24,33 @@ pub(crate) struct SvidInfo {
 /// This does not check the chain: call it on certificates that passed path validation.
 pub fn svid_identity(leaf: &CertificateDer<'_>) -> Result<SpiffeId, Error> {
     parse_svid(leaf).map(|info| info.identity)
+}
+
+/// Checks that `chain` (leaf first, then intermediates) is valid at `now` for client authentication and
+/// chains to one of `anchors`: what a peer's verifier will check, so that a certificate an issuer handed out
+/// can be refused (and the previous one kept) before it fails every handshake.
+pub fn verify_chain(
+    chain: &[CertificateDer<'_>],
+    anchors: &[TrustAnchor<'_>],
+    now: UnixTime,
+) -> Result<(), Error> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(Error::malformed("certificate chain", "it is empty"));
+    };
+    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(Error::ChainInvalid)?;
+    leaf.verify_for_usage(
+        crate::tls::crypto_provider()
+            .signature_verification_algorithms
+            .all,
+        anchors,
+        intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(Error::ChainInvalid)
 }
 
 pub(crate) fn parse_svid(leaf: &CertificateDer<'_>) -> Result<SvidInfo, Error> {

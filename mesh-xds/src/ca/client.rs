@@ -225,23 +225,9 @@ fn verify_issued(
             webpki::anchor_from_trusted_cert(root).map_err(|e| format!("unusable root certificate: {e}"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let Some((leaf, intermediates)) = chain.split_first() else {
+    if chain.is_empty() {
         return Err("the CA returned an empty cert_chain".to_owned());
-    };
-    let leaf = webpki::EndEntityCert::try_from(leaf)
-        .map_err(|e| format!("the issued certificate does not parse: {e}"))?;
-    let algorithms = mesh_core::tls::crypto_provider()
-        .signature_verification_algorithms
-        .all;
-    leaf.verify_for_usage(
-        algorithms,
-        &anchors,
-        intermediates,
-        now,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("the issued certificate does not chain to the roots: {e}"))
+    }
+    mesh_core::cert::verify_chain(chain, &anchors, now)
+        .map_err(|e| format!("the issued certificate does not chain to the roots: {e}"))
 }

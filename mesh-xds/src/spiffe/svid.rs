@@ -87,24 +87,8 @@ fn checked_cert(identity: &SpiffeId, svid: &X509svid, now: UnixTime) -> Result<W
 /// refuse it in every handshake, so it is better reported now, as the agent's fault, and the previous
 /// certificate kept.
 fn verify_chain(cert: &WorkloadCert, now: UnixTime) -> Result<(), String> {
-    let Some((leaf, intermediates)) = cert.chain().split_first() else {
-        return Err("the chain is empty".to_owned());
-    };
-    let leaf = webpki::EndEntityCert::try_from(leaf).map_err(|e| format!("the leaf does not parse: {e}"))?;
-    let algorithms = mesh_core::tls::crypto_provider()
-        .signature_verification_algorithms
-        .all;
-    leaf.verify_for_usage(
-        algorithms,
-        cert.trust_anchors(),
-        intermediates,
-        now,
-        webpki::KeyUsage::client_auth(),
-        None,
-        None,
-    )
-    .map(|_| ())
-    .map_err(|e| format!("the certificate does not chain to its bundle now: {e}"))
+    mesh_core::cert::verify_chain(cert.chain(), cert.trust_anchors(), now)
+        .map_err(|e| format!("the certificate does not chain to its bundle now: {e}"))
 }
 
 /// Splits concatenated DER certificates (the Workload API's encoding of chains and bundles) into one
