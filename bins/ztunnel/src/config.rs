@@ -14,6 +14,9 @@ use mesh_core::{SpiffeId, TrustDomain};
 #[derive(Debug, Clone, Parser)]
 #[command(version, about)]
 pub(crate) struct Args {
+    /// Istio's chart starts its ztunnel as `ztunnel proxy ztunnel`; those words are accepted and ignored.
+    #[arg(hide = true, num_args = 0..)]
+    pub command: Vec<String>,
     /// The xDS server (istiod) as `https://host:port`; an empty value disables xDS (then LOCAL_XDS_PATH or
     /// LOCAL_XDS must give the configuration).
     #[arg(long, env = "XDS_ADDRESS", value_name = "XDS_ADDRESS")]
@@ -56,14 +59,32 @@ pub(crate) struct Args {
     /// A SPIFFE Workload API socket (`unix:///path`) to take certificates from instead of the Istio CA.
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_name = "SPIFFE_ENDPOINT_SOCKET")]
     pub spiffe_endpoint_socket: Option<String>,
-    /// Cluster id, sent to istiod and used in workload uids.
+    /// Cluster id, sent to istiod and used in workload uids (Istio's chart may set ISTIO_META_CLUSTER_ID
+    /// instead, which is used when CLUSTER_ID is not set; default `Kubernetes`).
+    #[arg(long = "cluster-id", env = "CLUSTER_ID", value_name = "CLUSTER_ID")]
+    pub cluster_id_arg: Option<String>,
+    /// Fallback for CLUSTER_ID.
     #[arg(
         long,
-        env = "CLUSTER_ID",
-        value_name = "CLUSTER_ID",
-        default_value = "Kubernetes"
+        env = "ISTIO_META_CLUSTER_ID",
+        value_name = "ISTIO_META_CLUSTER_ID",
+        hide = true
     )]
+    pub istio_meta_cluster_id: Option<String>,
+    /// The cluster id in effect (CLUSTER_ID, else ISTIO_META_CLUSTER_ID, else `Kubernetes`).
+    #[arg(skip)]
     pub cluster_id: String,
+    /// The network of this node's workloads (Istio's NETWORK; empty: the default network).
+    #[arg(long, env = "NETWORK", value_name = "NETWORK", default_value = "")]
+    pub network: String,
+    /// Certificates from PEM files instead of a CA: a directory holding `cert-chain.pem`, `key.pem` and
+    /// `root-cert.pem` (reloaded when they change). Dedicated mode only: one workload, one certificate.
+    #[arg(long, env = "CERT_DIR", value_name = "CERT_DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Development only: sign workload certificates in-process with the root in this directory
+    /// (`root-cert.pem` and `ca-key.pem`, as `meshctl dev-ca init` writes them), like Istio's FAKE_CA.
+    #[arg(long, env = "DEV_CA_DIR", value_name = "DEV_CA_DIR")]
+    pub dev_ca_dir: Option<PathBuf>,
     /// Trust domain of the workloads this proxy serves.
     #[arg(
         long,
@@ -188,6 +209,10 @@ pub(crate) enum CertSource {
         /// `unix:///path`.
         endpoint: String,
     },
+    /// PEM files in a directory.
+    Files(PathBuf),
+    /// An in-process development CA.
+    DevCa(PathBuf),
 }
 
 /// The checked configuration.
@@ -218,7 +243,28 @@ fn invalid(variable: &'static str, reason: impl Into<String>) -> ConfigError {
 
 impl Config {
     /// Checks the arguments as a whole.
-    pub(crate) fn from_args(args: Args) -> Result<Config, ConfigError> {
+    pub(crate) fn from_args(mut args: Args) -> Result<Config, ConfigError> {
+        match args
+            .command
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [] | ["proxy"] | ["proxy", "ztunnel"] => {}
+            other => {
+                return Err(invalid(
+                    "ARGS",
+                    format!("unexpected arguments {other:?} (only `proxy ztunnel`, as Istio's chart passes)"),
+                ));
+            }
+        }
+        args.cluster_id = args
+            .cluster_id_arg
+            .clone()
+            .or_else(|| args.istio_meta_cluster_id.clone())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| "Kubernetes".to_owned());
         let trust_domain =
             TrustDomain::new(&args.trust_domain).map_err(|e| invalid("TRUST_DOMAIN", e.to_string()))?;
         let own_identity = SpiffeId::istio(&trust_domain, &args.pod_namespace, &args.service_account)
@@ -300,7 +346,26 @@ impl Config {
                 ));
             }
         };
+        let chosen = [
+            args.spiffe_endpoint_socket.is_some(),
+            args.cert_dir.is_some(),
+            args.dev_ca_dir.is_some(),
+        ];
+        if chosen.iter().filter(|set| **set).count() > 1 {
+            return Err(invalid(
+                "CERT_DIR",
+                "choose one certificate source: SPIFFE_ENDPOINT_SOCKET, CERT_DIR or DEV_CA_DIR (or a CA)",
+            ));
+        }
+        if args.cert_dir.is_some() && args.proxy_mode != "dedicated" {
+            return Err(invalid(
+                "CERT_DIR",
+                "certificates from files serve one workload: use PROXY_MODE=dedicated",
+            ));
+        }
         let certs = match (&args.spiffe_endpoint_socket, &args.ca_address, &xds) {
+            _ if args.cert_dir.is_some() => CertSource::Files(args.cert_dir.clone().unwrap_or_default()),
+            _ if args.dev_ca_dir.is_some() => CertSource::DevCa(args.dev_ca_dir.clone().unwrap_or_default()),
             (Some(endpoint), _, _) => CertSource::Spiffe {
                 endpoint: endpoint.clone(),
             },
@@ -335,13 +400,19 @@ impl Config {
 }
 
 fn check_url(variable: &'static str, value: &str) -> Result<String, ConfigError> {
+    // Istio's chart sets `istiod.istio-system.svc:15012` without a scheme; Istio's ztunnel means https.
+    let value = if value.contains("://") {
+        value.to_owned()
+    } else {
+        format!("https://{value}")
+    };
     let rest = value
         .strip_prefix("https://")
         .or_else(|| value.strip_prefix("http://"))
         .ok_or_else(|| {
             invalid(
                 variable,
-                format!("{value:?} must start with https:// (or http://)"),
+                format!("{value:?} must be https://host:port (or http://)"),
             )
         })?;
     if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
@@ -443,7 +514,10 @@ mod tests {
     #[test_case(&["--proxy-mode", "dedicated", "--proxy-workload-info", "a/b"], "PROXY_WORKLOAD_INFO" ; "two parts")]
     #[test_case(&["--proxy-mode", "dedicated", "--proxy-workload-info", "a//c"], "PROXY_WORKLOAD_INFO" ; "empty part")]
     #[test_case(&["--trust-domain", "Bad Domain"], "TRUST_DOMAIN" ; "bad trust domain")]
-    #[test_case(&["--xds-address", "istiod:15012"], "XDS_ADDRESS" ; "address without scheme")]
+    #[test_case(&["--xds-address", "https://"], "XDS_ADDRESS" ; "address without host")]
+    #[test_case(&["--cert-dir", "/c"], "CERT_DIR" ; "file certificates in shared mode")]
+    #[test_case(&["--cert-dir", "/c", "--dev-ca-dir", "/d"], "CERT_DIR" ; "two certificate sources")]
+    #[test_case(&["serve"], "ARGS" ; "unknown command word")]
     #[test_case(&["--ca-address", "ftp://ca"], "CA_ADDRESS" ; "ca address with another scheme")]
     #[test_case(&["--local-xds-path", "/x", "--local-xds", "y"], "LOCAL_XDS_PATH" ; "two local sources")]
     #[test_case(&["--local-xds-path", "/x", "--xds-address", "https://istiod:15012"], "XDS_ADDRESS" ; "xds and a local source")]
@@ -453,6 +527,33 @@ mod tests {
     fn refusals_name_the_variable(extra: &[&str], variable: &str) {
         let error = Config::from_args(args(extra).unwrap()).unwrap_err();
         assert!(error.to_string().starts_with(&format!("{variable}: ")), "{error}");
+    }
+
+    #[test]
+    fn istio_chart_spellings_are_understood() {
+        let config = Config::from_args(
+            args(&[
+                "proxy",
+                "ztunnel",
+                "--xds-address",
+                "istiod.istio-system.svc:15012",
+                "--istio-meta-cluster-id",
+                "east",
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            config.source,
+            ConfigSource::Xds {
+                address: "https://istiod.istio-system.svc:15012".into()
+            }
+        );
+        assert_eq!(config.args.cluster_id, "east");
+        let explicit =
+            Config::from_args(args(&["--cluster-id", "west", "--istio-meta-cluster-id", "east"]).unwrap())
+                .unwrap();
+        assert_eq!(explicit.args.cluster_id, "west");
     }
 
     #[test]

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_core::cert::CachingCertConfig;
+use mesh_core::cert::{CachingCertConfig, CertFiles, DEFAULT_FILE_POLL_INTERVAL, FileCertProvider};
 use mesh_core::drain::{self, DrainWatch};
 use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
-use mesh_core::{CachingCertProvider, CertProvider, CertWatch, sys, tls};
+use mesh_core::{CachingCertProvider, CertProvider, CertWatch, DevCa, sys, tls};
 use mesh_hbone::{
     HboneAcceptor, HboneConfig, HboneConnector, MarkedSockets, ServerConfigSelector, WorkloadConfigSelector,
 };
@@ -74,7 +74,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     let readiness_server = HttpServer::bind("readiness", SocketAddr::new(any, 15021), http.clone()).await?;
     tokio::spawn(readiness_server.serve(Arc::new(ReadinessEndpoint::new(readiness.clone())), drain.clone()));
 
-    let certs = cert_provider(&config)?;
+    let certs = cert_provider(&config).await?;
     let (state, ads) = start_config_source(&config, config_ready, drain.clone()).await?;
     if let Some(ads) = ads {
         register_xds_metrics(&metrics, ads)?;
@@ -166,10 +166,11 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             // Each inbound connection presents the certificate of the node's workload it arrived for.
             let mesh = state.mesh.clone();
             let local_node = node.clone();
+            let network = config.args.network.clone();
             let selector = WorkloadConfigSelector::new(
                 move |local: SocketAddr| {
                     let snapshot = mesh.current();
-                    let workload = snapshot.workload_by_ip("", local.ip())?;
+                    let workload = snapshot.workload_by_ip(&network, local.ip())?;
                     (workload.node == local_node)
                         .then(|| workload.identity().ok())
                         .flatten()
@@ -184,7 +185,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             (
                 ServedWorkloads::Node(node),
                 SourceLookup::PeerIp {
-                    network: Arc::from(""),
+                    network: config.args.network.as_str().into(),
                 },
                 ServerTls::PerWorkload(Arc::new(selector)),
             )
@@ -198,8 +199,15 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             mark: sys::PROXY_MARK,
         }));
     // Inbound HBONE (15008) and plaintext (15006).
-    let inbound =
-        Inbound::new(InboundConfig::new(served), state.clone(), tracker).with_observers(observers.clone());
+    let inbound = Inbound::new(
+        InboundConfig {
+            network: config.args.network.as_str().into(),
+            ..InboundConfig::new(served)
+        },
+        state.clone(),
+        tracker,
+    )
+    .with_observers(observers.clone());
     let plaintext = inbound.plaintext();
     let hbone_listener = bind(SocketAddr::new(any, INBOUND_HBONE_PORT)).await?;
     let acceptor = match server_tls {
@@ -410,8 +418,33 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, BoxError> {
 }
 
 /// The certificate source: the Istio CA (through the caching, rotating provider) or a SPIFFE Workload API.
-fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxError> {
+async fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxError> {
     match &config.certs {
+        CertSource::Files(dir) => {
+            let provider =
+                FileCertProvider::start([CertFiles::in_dir(dir)], DEFAULT_FILE_POLL_INTERVAL).await?;
+            Ok(Arc::new(provider))
+        }
+        CertSource::DevCa(dir) => {
+            let read = |name: &str| {
+                std::fs::read_to_string(dir.join(name))
+                    .map_err(|e| format!("DEV_CA_DIR: cannot read {}: {e}", dir.join(name).display()))
+            };
+            let ca = DevCa::from_pem(
+                &read("root-cert.pem")?,
+                &read("ca-key.pem")?,
+                config.trust_domain.clone(),
+                config.args.secret_ttl,
+            )?;
+            tracing::warn!(dir = %dir.display(), "signing workload certificates with a development CA");
+            Ok(Arc::new(CachingCertProvider::new(
+                Arc::new(ca),
+                CachingCertConfig {
+                    validity: config.args.secret_ttl,
+                    ..CachingCertConfig::default()
+                },
+            )))
+        }
         CertSource::Spiffe { endpoint } => {
             let provider = WorkloadApiCertProvider::new(WorkloadApiConfig::from_endpoint(endpoint)?)?;
             Ok(Arc::new(provider))

@@ -1,0 +1,175 @@
+//! ztunnel's certificate sources other than a CA: a development root on disk (`DEV_CA_DIR`, our FAKE_CA)
+//! and PEM files (`CERT_DIR`). Each runs the binary in a network namespace of its own (the ports are
+//! fixed), with inline static configuration, and reads `config_dump` to see which certificate it serves.
+//!
+//! Needs root and iproute2 (CI has both); without them the test fails and says why.
+
+#![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_core::ca::LeafSpec;
+use mesh_core::{DevCa, TrustDomain};
+use mesh_test::netns::Netns;
+
+const LOCAL_XDS: &str = r#"
+workloads:
+- uid: Kubernetes//Pod/default/app
+  name: app
+  namespace: default
+  serviceAccount: app
+  workloadIps: ["127.0.0.1"]
+  protocol: HBONE
+  node: node-a
+"#;
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!("meshkit-{name}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap();
+        Dir(path)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Proxy(Child, PathBuf);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(node: &Netns, log: &Path, env: &[(&str, &Path)]) -> Proxy {
+    let child = node
+        .command(env!("CARGO_BIN_EXE_ztunnel"))
+        .env_clear()
+        .env("PROXY_MODE", "dedicated")
+        .env("PROXY_WORKLOAD_INFO", "default/app/app")
+        .env("XDS_ADDRESS", "")
+        .env("LOCAL_XDS", LOCAL_XDS)
+        .env("IPV6_ENABLED", "false")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Proxy(child, log.to_owned())
+}
+
+/// The config_dump once the proxy is ready (bounded wait), or the proxy's log in the panic.
+fn config_dump(node: &Netns, proxy: &Proxy) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dump = node
+            .run(|| -> Option<String> {
+                let ready = get("127.0.0.1:15021", "/healthz/ready")?;
+                if !ready.starts_with("HTTP/1.1 200") {
+                    return None;
+                }
+                get("127.0.0.1:15000", "/config_dump")
+            })
+            .unwrap();
+        if let Some(dump) = dump {
+            return dump;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ztunnel not ready:\n{}",
+            std::fs::read_to_string(&proxy.1).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn get(addr: &str, path: &str) -> Option<String> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn ca() -> DevCa {
+    DevCa::new(
+        TrustDomain::new("cluster.local").unwrap(),
+        Duration::from_secs(3600),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_development_root_on_disk_signs_the_workload_certificate() {
+    let node = Netns::create("devca").expect("network namespaces are required for this test");
+    let dir = Dir::new("devca");
+    let ca = ca();
+    std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+    std::fs::write(dir.0.join("ca-key.pem"), ca.root_key_pem()).unwrap();
+    let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("DEV_CA_DIR", &dir.0)]);
+    let dump = config_dump(&node, &proxy);
+    assert!(
+        dump.contains("spiffe://cluster.local/ns/default/sa/app"),
+        "{dump}"
+    );
+    assert!(!dump.contains("PRIVATE KEY"), "{dump}");
+}
+
+#[test]
+fn certificates_from_pem_files_are_served() {
+    let node = Netns::create("certdir").expect("network namespaces are required for this test");
+    let dir = Dir::new("certdir");
+    let ca = ca();
+    let now = std::time::SystemTime::now();
+    let (chain, key) = ca
+        .issue_raw(&LeafSpec {
+            uri_sans: vec!["spiffe://cluster.local/ns/default/sa/app".to_owned()],
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(3600),
+        })
+        .unwrap();
+    let pem = |der: &[u8], label: &str| {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    };
+    let chain: String = chain.iter().map(|c| pem(c, "CERTIFICATE")).collect();
+    std::fs::write(dir.0.join("cert-chain.pem"), chain).unwrap();
+    std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+    std::fs::write(dir.0.join("key.pem"), pem(key.secret_der(), "PRIVATE KEY")).unwrap();
+    let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("CERT_DIR", &dir.0)]);
+    let dump = config_dump(&node, &proxy);
+    assert!(
+        dump.contains("spiffe://cluster.local/ns/default/sa/app"),
+        "{dump}"
+    );
+}
