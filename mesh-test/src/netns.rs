@@ -166,9 +166,20 @@ impl Drop for Netns {
 pub fn connect(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<(), NetnsError> {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let (a_if, b_if) = (format!("mka{n}"), format!("mkb{n}"));
-    run(Command::new("ip").args(["link", "add", &a_if, "type", "veth", "peer", "name", &b_if]))?;
-    run(Command::new("ip").args(["link", "set", &a_if, "netns", a.name()]))?;
-    run(Command::new("ip").args(["link", "set", &b_if, "netns", b.name()]))?;
+    // Created inside `a`, with the peer moved straight into `b`: no name ever exists in the host's
+    // namespace, so concurrent test processes cannot collide there.
+    a.ip(&[
+        "link",
+        "add",
+        &a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &b_if,
+        "netns",
+        b.name(),
+    ])?;
     a.ip(&["addr", "add", a_cidr, "dev", &a_if])?;
     b.ip(&["addr", "add", b_cidr, "dev", &b_if])?;
     a.ip(&["link", "set", &a_if, "up"])?;

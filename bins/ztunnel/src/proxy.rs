@@ -138,6 +138,8 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             }
         });
         tracing::info!(socket = %config.args.inpod_uds.display(), "ztunnel in in-pod mode: waiting for pods from istio-cni");
+        // The drain completes when every watch is gone: this function's own must go first.
+        drop(drain);
         return shut_down_on_signal(&config, quit_rx, drain_trigger).await;
     }
 
@@ -291,6 +293,8 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
          :{INBOUND_PLAINTEXT_PORT}, metrics :15020, readiness :15021, admin 127.0.0.1:15000"
     );
 
+    // The drain completes when every watch is gone: this function's own must go first.
+    drop(drain);
     shut_down_on_signal(&config, quit_rx, drain_trigger).await
 }
 

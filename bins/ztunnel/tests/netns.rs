@@ -5,25 +5,28 @@
 //! mutual TLS, policy pushed over xDS must apply to new and open connections, and SIGTERM must stop the
 //! proxies cleanly.
 //!
+//! The harness (namespaces as nodes, the control plane, the binary, apps, capture) is `common`, shared with
+//! `netns_security.rs` (the link carries only TLS 1.3, AuthorizationPolicy and STRICT PeerAuthentication
+//! pushed as files) and `netns_traffic.rs` (passthrough, SOCKS5, 1 GiB integrity, same-node traffic,
+//! SIGTERM drain).
+//!
 //! Needs root, iproute2 and iptables (CI installs them); without them the test fails and says why.
 
 #![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+mod common;
 
-use mesh_core::{DevCa, SpiffeId, TrustDomain};
-use mesh_test::netns::{self, Netns};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::{
+    APP_PORT, CLIENT_IP, ControlPlane, SERVER_IP, TempDir, Ztunnel, capture, echo_app, eventually, http_get,
+    link, round_trip, wait_ready,
+};
+use mesh_core::SpiffeId;
+use mesh_test::netns::Netns;
 use mesh_xds::ca::{Caller, StaticTokens};
-use mesh_xds::server::{ClientAuth, Server, ServerConfig};
-
-const CLIENT_IP: &str = "10.10.0.1";
-const SERVER_IP: &str = "10.10.0.2";
-const APP_PORT: u16 = 8080;
 
 fn mesh_yaml() -> String {
     format!(
@@ -57,310 +60,16 @@ spec:
   - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
 "#;
 
-/// A directory removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!("meshkit-e2e-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(path.join("config")).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running ztunnel, killed if the test ends early; its log is kept for failure messages.
-struct Ztunnel {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Ztunnel {
-    /// A dedicated-mode ztunnel for `workload` (namespace `default`, service account = name).
-    fn dedicated(node: &Netns, dir: &Path, workload: &str, token: &str) -> Ztunnel {
-        Self::start(
-            node,
-            dir,
-            workload,
-            token,
-            &[
-                ("PROXY_MODE", "dedicated".to_owned()),
-                ("PROXY_WORKLOAD_INFO", format!("default/{workload}/{workload}")),
-                ("NODE_NAME", format!("{workload}-node")),
-            ],
-        )
-    }
-
-    fn start(node: &Netns, dir: &Path, name: &str, token: &str, env: &[(&str, String)]) -> Ztunnel {
-        let token_file = dir.join(format!("{name}.token"));
-        std::fs::write(&token_file, token).unwrap();
-        let log = dir.join(format!("ztunnel-{name}.log"));
-        let child = node
-            .command(env!("CARGO_BIN_EXE_ztunnel"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("XDS_ADDRESS", format!("https://{SERVER_IP}:15012"))
-            .env("XDS_ROOT_CA", dir.join("root.pem"))
-            .env("AUTH_TOKEN", &token_file)
-            .env("CLUSTER_ID", "Kubernetes")
-            .env("POD_NAME", format!("ztunnel-{name}"))
-            .env("IPV6_ENABLED", "false")
-            .env("TERMINATION_GRACE_PERIOD_SECONDS", "2s")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Ztunnel {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        netns::run(Command::new("kill").args(["-TERM", &child.id().to_string()])).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "ztunnel did not stop after SIGTERM:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// `GET path` over plain HTTP/1.1 inside `node`; the status code and body.
-fn http_get(node: &Netns, addr: &str, path: &str) -> Option<(u16, String)> {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let path = path.to_owned();
-    node.run(move || -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        write!(
-            stream,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let status = response.split_whitespace().nth(1)?.parse().ok()?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        Some((status, body))
-    })
-    .unwrap()
-}
-
-/// Waits until `check` holds, at most `within`.
-fn eventually(within: Duration, what: &str, mut check: impl FnMut() -> bool, context: impl Fn() -> String) {
-    let deadline = Instant::now() + within;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}\n{}",
-            context()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// One application round trip from the client namespace to the server app; `Ok(reply)` or why not.
-fn round_trip(client: &Netns, message: &str) -> Result<String, String> {
-    let message = message.to_owned();
-    client
-        .run(move || -> Result<String, String> {
-            let addr: SocketAddr = format!("{SERVER_IP}:{APP_PORT}").parse().unwrap();
-            let mut stream =
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .map_err(|e| e.to_string())?;
-            stream
-                .write_all(format!("{message}\n").as_bytes())
-                .map_err(|e| e.to_string())?;
-            let mut reply = String::new();
-            BufReader::new(stream)
-                .read_line(&mut reply)
-                .map_err(|e| e.to_string())?;
-            if reply.is_empty() {
-                return Err("closed without a reply".into());
-            }
-            Ok(reply.trim_end().to_owned())
-        })
-        .unwrap()
-}
-
-/// The local control plane, running in a namespace on its own thread and runtime.
-struct ControlPlane {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<(), netns::NetnsError>>>,
-}
-
-impl ControlPlane {
-    /// Serves `dir/config` on `SERVER_IP:15012` inside `node`, accepting `tokens`; writes its root to
-    /// `dir/root.pem`.
-    fn start(node: &Netns, dir: &Path, tokens: StaticTokens) -> ControlPlane {
-        let (root_tx, root_rx) = std::sync::mpsc::channel();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let config_dir = dir.join("config");
-        let thread = node
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async move {
-                    let td = TrustDomain::new("cluster.local").unwrap();
-                    let ca = Arc::new(DevCa::new(td, Duration::from_secs(3600)).unwrap());
-                    let mut config = ServerConfig::new(config_dir);
-                    config.listen = format!("{SERVER_IP}:15012").parse().unwrap();
-                    config.poll_interval = Duration::from_millis(100);
-                    config.auth = ClientAuth::Authenticators(vec![Arc::new(tokens)]);
-                    let server = Server::start(config, ca).await.unwrap();
-                    root_tx.send(server.root_pem().to_owned()).unwrap();
-                    let _ = stopped.await;
-                    server.shutdown().await;
-                });
-            })
-            .unwrap();
-        let root = root_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the control plane did not start");
-        std::fs::write(dir.join("root.pem"), root).unwrap();
-        ControlPlane {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().unwrap().unwrap();
-        }
-    }
-}
-
-/// An echo server on `ip:APP_PORT` inside `node` that prefixes each line with who it saw.
-fn echo_app(node: &Netns, ip: &str) {
-    let app = node
-        .run({
-            let ip = ip.to_owned();
-            move || TcpListener::bind(format!("{ip}:{APP_PORT}"))
-        })
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for stream in app.incoming() {
-            let Ok(stream) = stream else { continue };
-            std::thread::spawn(move || {
-                let peer = stream.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut writer = stream;
-                let mut line = String::new();
-                while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-                    if writer
-                        .write_all(format!("echo {} from {peer}\n", line.trim_end()).as_bytes())
-                        .is_err()
-                    {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-}
-
-/// Redirects the application traffic of `node` to `destinations:APP_PORT` into ztunnel's 15001, leaving
-/// ztunnel's own (marked) sockets alone, as Istio's dedicated-mode redirect does.
-fn capture(node: &Netns, destinations: &str) {
-    node.iptables(&[
-        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-    ])
-    .unwrap();
-    node.iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        destinations,
-        "--dport",
-        &APP_PORT.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ])
-    .unwrap();
-}
-
-/// Waits for each proxy's readiness endpoint to answer 200.
-fn wait_ready(nodes: &[(&Netns, &str)], logs: impl Fn() -> String) {
-    for (node, ip) in nodes {
-        eventually(
-            Duration::from_secs(30),
-            "ztunnel readiness",
-            || {
-                matches!(
-                    http_get(node, &format!("{ip}:15021"), "/healthz/ready"),
-                    Some((200, _))
-                )
-            },
-            &logs,
-        );
-    }
-}
-
 #[test]
 fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
     let client = Netns::create("client").expect("network namespaces are required for this test");
     let server = Netns::create("server").unwrap();
-    netns::connect(
+    link(
         &client,
         &format!("{CLIENT_IP}/24"),
         &server,
         &format!("{SERVER_IP}/24"),
-    )
-    .unwrap();
+    );
     let dir = TempDir::new();
     std::fs::write(dir.0.join("config/mesh.yaml"), mesh_yaml()).unwrap();
 
@@ -375,7 +84,7 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
     );
 
     // The server application: an echo server that says who it saw.
-    echo_app(&server, SERVER_IP);
+    let _app = echo_app(&server, SERVER_IP, APP_PORT);
 
     capture(&client, &format!("{SERVER_IP}/32"));
 
@@ -430,7 +139,7 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
     open_reader.read_line(&mut line).unwrap();
     assert_eq!(line.trim_end(), format!("echo before from {SERVER_IP}"));
 
-    std::fs::write(dir.0.join("config/policy.yaml"), DENY_CLIENT).unwrap();
+    dir.write_config("policy.yaml", DENY_CLIENT);
     eventually(
         Duration::from_secs(20),
         "the DENY policy to apply to new connections",
@@ -468,20 +177,14 @@ fn a_shared_node_proxy_presents_each_workloads_own_identity() {
     const SERVER_B_IP: &str = "10.10.0.3";
     let client = Netns::create("client").expect("network namespaces are required for this test");
     let server = Netns::create("node").unwrap();
-    netns::connect(
+    link(
         &client,
         &format!("{CLIENT_IP}/24"),
         &server,
         &format!("{SERVER_IP}/24"),
-    )
-    .unwrap();
+    );
     // A second workload on the same node.
-    let veth = server.ip(&["-o", "link", "show", "type", "veth"]).unwrap();
-    let device = String::from_utf8_lossy(&veth.stdout)
-        .split(':')
-        .nth(1)
-        .map(|name| name.trim().split('@').next().unwrap_or_default().to_owned())
-        .unwrap();
+    let (_, device) = common::veth(&server);
     server
         .ip(&["addr", "add", &format!("{SERVER_B_IP}/24"), "dev", &device])
         .unwrap();
@@ -526,8 +229,10 @@ workloads:
             .with("client-token", Caller::new(client_id))
             .with("node-token", Caller::new(ztunnel_id).on_node("server-node")),
     );
-    echo_app(&server, SERVER_IP);
-    echo_app(&server, SERVER_B_IP);
+    let _apps = [
+        echo_app(&server, SERVER_IP, APP_PORT),
+        echo_app(&server, SERVER_B_IP, APP_PORT),
+    ];
     capture(&client, "10.10.0.0/24");
 
     // The node proxy asks the CA for its workloads' certificates (impersonation), and picks the one to
