@@ -1,7 +1,7 @@
-//! In-pod mode against a fake istio-cni: a `SOCK_SEQPACKET` listener in a temporary directory that speaks
-//! ZDS with the messages mesh-xds generates from `zds.proto` (so the hand-written ones in
-//! `mesh_proxy::inpod::proto` are checked against them on the wire), sending pods' network namespaces as
-//! `SCM_RIGHTS`.
+//! In-pod mode against a fake istio-cni (`mesh_test::cni::FakeCni`): a `SOCK_SEQPACKET` listener in a
+//! temporary directory that speaks ZDS with the messages mesh-xds generates from `zds.proto` (so the
+//! hand-written ones in `mesh_proxy::inpod::proto` are checked against them on the wire), sending pods'
+//! network namespaces as `SCM_RIGHTS`.
 //!
 //! The protocol tests need no privileges (they send this process's own namespace, or pipes where a
 //! namespace is refused). The tests with per-pod listeners create network namespaces and need root: they
@@ -10,10 +10,9 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::{self, IoSlice, Read};
-use std::mem::MaybeUninit;
+use std::io::{self, Read};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,19 +23,17 @@ use mesh_proxy::inpod::{
     self, BoxError, InPodNetns, ListenerPodManager, PodFuture, PodListenerConfig, PodListeners, PodManager,
     PodStart, WorkloadInfo, ZdsClient, ZdsConfig, ZdsStatus,
 };
+use mesh_test::cni::{self, FakeCni};
 use mesh_test::netns::Netns;
 use mesh_xds::proto::istio::workload::zds as generated;
 use prost::Message;
-use rustix::net::{
-    AddressFamily, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
-    SocketFlags, SocketType, sockopt::Timeout,
-};
 use test_case::test_case;
 use tokio::io::AsyncWriteExt;
 use tokio::runtime::Runtime;
 use tokio::sync::watch;
 
-/// Every blocking step of the fake istio-cni gives up after this, so a test can never hang.
+/// Every wait of these tests gives up after this (the fake istio-cni bounds its own steps), so a test can
+/// never hang.
 const STEP: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------------
@@ -119,7 +116,7 @@ fn hand_written_zds_messages_encode_exactly_like_the_generated_ones() {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// The fake istio-cni.
+// The fake istio-cni is mesh_test::cni.
 
 /// A temporary directory, removed when dropped.
 struct TempDir(PathBuf);
@@ -140,134 +137,9 @@ impl Drop for TempDir {
     }
 }
 
-/// istio-cni's side: listens, accepts the node proxy, reads its hello.
-struct FakeCni {
-    listener: OwnedFd,
-    path: PathBuf,
-}
-
-impl FakeCni {
-    fn bind(path: &Path) -> FakeCni {
-        let _ = std::fs::remove_file(path);
-        let listener = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::SEQPACKET,
-            SocketFlags::CLOEXEC,
-            None,
-        )
-        .unwrap();
-        rustix::net::bind(&listener, &SocketAddrUnix::new(path).unwrap()).unwrap();
-        rustix::net::listen(&listener, 16).unwrap();
-        // accept() honours the receive timeout.
-        rustix::net::sockopt::set_socket_timeout(&listener, Timeout::Recv, Some(STEP)).unwrap();
-        FakeCni {
-            listener,
-            path: path.to_owned(),
-        }
-    }
-
-    /// Accepts the node proxy's next connection and checks its hello.
-    fn accept(&self) -> CniConn {
-        let fd = rustix::net::accept_with(&self.listener, SocketFlags::CLOEXEC)
-            .expect("the node proxy connects (within the step timeout)");
-        rustix::net::sockopt::set_socket_timeout(&fd, Timeout::Recv, Some(STEP)).unwrap();
-        rustix::net::sockopt::set_socket_timeout(&fd, Timeout::Send, Some(STEP)).unwrap();
-        let conn = CniConn { fd };
-        let hello = generated::ZdsHello::decode(conn.recv().as_slice()).unwrap();
-        assert_eq!(hello.version, i32::from(generated::Version::V1));
-        conn
-    }
-}
-
-impl Drop for FakeCni {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// One accepted connection.
-struct CniConn {
-    fd: OwnedFd,
-}
-
-impl CniConn {
-    fn send_raw(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        if !fds.is_empty() {
-            assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
-        }
-        let sent = rustix::net::sendmsg(
-            &self.fd,
-            &[IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::NOSIGNAL,
-        )
-        .unwrap();
-        assert_eq!(sent, bytes.len());
-    }
-
-    fn recv(&self) -> Vec<u8> {
-        let mut buf = vec![0u8; 1024];
-        let (len, _) = rustix::net::recv(&self.fd, &mut buf[..], RecvFlags::empty())
-            .expect("the node proxy answers (within the step timeout)");
-        buf.truncate(len);
-        buf
-    }
-
-    /// Reads an ack; returns its error text (empty on success).
-    fn ack(&self) -> String {
-        let response = generated::WorkloadResponse::decode(self.recv().as_slice()).unwrap();
-        match response.payload {
-            Some(generated::workload_response::Payload::Ack(ack)) => ack.error,
-            None => panic!("a response without an ack"),
-        }
-    }
-
-    /// Sends a request (with `fds`) and returns the ack's error text.
-    fn request(&self, payload: generated::workload_request::Payload, fds: &[BorrowedFd<'_>]) -> String {
-        let request = generated::WorkloadRequest {
-            payload: Some(payload),
-        };
-        self.send_raw(&request.encode_to_vec(), fds);
-        self.ack()
-    }
-
-    fn add(&self, uid: &str, netns: Option<BorrowedFd<'_>>) -> String {
-        let add = generated::AddWorkload {
-            uid: uid.into(),
-            workload_info: Some(generated::WorkloadInfo {
-                name: format!("{uid}-pod"),
-                namespace: "shop".into(),
-                service_account: "web".into(),
-            }),
-        };
-        let fds: Vec<BorrowedFd<'_>> = netns.into_iter().collect();
-        self.request(generated::workload_request::Payload::Add(add), &fds)
-    }
-
-    fn keep(&self, uid: &str) -> String {
-        let keep = generated::KeepWorkload { uid: uid.into() };
-        self.request(generated::workload_request::Payload::Keep(keep), &[])
-    }
-
-    fn del(&self, uid: &str) -> String {
-        let del = generated::DelWorkload { uid: uid.into() };
-        self.request(generated::workload_request::Payload::Del(del), &[])
-    }
-
-    fn snapshot_sent(&self) -> String {
-        let sent = generated::SnapshotSent {};
-        self.request(generated::workload_request::Payload::SnapshotSent(sent), &[])
-    }
-
-    /// Expects the node proxy to close the connection.
-    fn expect_closed(&self) {
-        assert!(
-            self.recv().is_empty(),
-            "expected the node proxy to close the connection"
-        );
-    }
+/// istio-cni's description of pod `uid` in these tests.
+fn info(uid: &str) -> cni::WorkloadInfo {
+    cni::workload_info("shop", &format!("{uid}-pod"), "web")
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -407,10 +279,10 @@ enum Bad {
 fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &str) {
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let recorder = Arc::new(Recorder::default());
     let client = Client::start(&path, recorder.clone());
-    let conn = cni.accept();
+    let conn = cni.accept().unwrap();
 
     let mut readers = Vec::new();
     let mut pipe = || {
@@ -419,11 +291,19 @@ fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &st
         writer
     };
     let error = match bad {
-        Bad::AddWithoutFd => conn.add("pod-a", None),
+        Bad::AddWithoutFd => {
+            let add = generated::AddWorkload {
+                uid: "pod-a".into(),
+                workload_info: Some(info("pod-a")),
+            };
+            conn.request(generated::workload_request::Payload::Add(add), &[])
+                .unwrap()
+        }
         Bad::DelWithFd => {
             let writer = pipe();
             let del = generated::DelWorkload { uid: "pod-a".into() };
             conn.request(generated::workload_request::Payload::Del(del), &[writer.as_fd()])
+                .unwrap()
         }
         Bad::AddWithTwoFds => {
             let (one, two) = (pipe(), pipe());
@@ -432,7 +312,7 @@ fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &st
                 workload_info: Some(generated::WorkloadInfo::default()),
             };
             let payload = generated::workload_request::Payload::Add(add);
-            conn.request(payload, &[one.as_fd(), two.as_fd()])
+            conn.request(payload, &[one.as_fd(), two.as_fd()]).unwrap()
         }
         Bad::Truncated => {
             let add = generated::AddWorkload {
@@ -442,16 +322,16 @@ fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &st
             let request = generated::WorkloadRequest {
                 payload: Some(generated::workload_request::Payload::Add(add)),
             };
-            conn.send_raw(&request.encode_to_vec(), &[]);
-            conn.ack()
+            conn.send_raw(&request.encode_to_vec(), &[]).unwrap();
+            conn.read_ack().unwrap()
         }
         Bad::Garbage => {
-            conn.send_raw(&[0xff; 16], &[]);
-            conn.ack()
+            conn.send_raw(&[0xff; 16], &[]).unwrap();
+            conn.read_ack().unwrap()
         }
         Bad::KeepAfterSnapshot => {
-            assert_eq!(conn.snapshot_sent(), "");
-            conn.keep("pod-a")
+            assert_eq!(conn.snapshot_sent().unwrap(), "");
+            conn.keep("pod-a").unwrap()
         }
     };
     assert!(
@@ -462,11 +342,11 @@ fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &st
     for reader in readers {
         assert_closed(reader);
     }
-    conn.expect_closed();
+    conn.expect_closed().unwrap();
 
     // The client reconnects and works again.
-    let conn = cni.accept();
-    assert_eq!(conn.snapshot_sent(), "");
+    let conn = cni.accept().unwrap();
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     assert_eq!(client.status().connections, 2);
     assert!(client.status().ready());
     assert!(
@@ -479,17 +359,17 @@ fn a_bad_message_gets_an_error_ack_then_a_new_connection(bad: Bad, expected: &st
 fn a_descriptor_that_is_not_a_namespace_is_refused_and_closed_but_the_connection_stays() {
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let recorder = Arc::new(Recorder::default());
     let client = Client::start(&path, recorder.clone());
-    let conn = cni.accept();
+    let conn = cni.accept().unwrap();
 
     let (reader, writer) = io::pipe().unwrap();
-    let error = conn.add("pod-a", Some(writer.as_fd()));
+    let error = conn.add("pod-a", &info("pod-a"), &writer).unwrap();
     drop(writer);
     assert!(error.contains("not a namespace"), "{error:?}");
     assert_closed(reader);
-    assert_eq!(conn.snapshot_sent(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     assert_eq!(client.status().connections, 1);
     assert!(recorder.take().is_empty());
 }
@@ -498,16 +378,16 @@ fn a_descriptor_that_is_not_a_namespace_is_refused_and_closed_but_the_connection
 fn a_reconnection_reconciles_pods_with_the_new_snapshot() {
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let recorder = Arc::new(Recorder::default());
     let mut client = Client::start(&path, recorder.clone());
     let netns = own_netns();
 
-    let conn = cni.accept();
+    let conn = cni.accept().unwrap();
     for uid in ["a", "b", "c", "d"] {
-        assert_eq!(conn.add(uid, Some(netns.as_fd())), "");
+        assert_eq!(conn.add(uid, &info(uid), &netns).unwrap(), "");
     }
-    assert_eq!(conn.snapshot_sent(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     let calls = recorder.take();
     assert_eq!(calls[0], "add a shop/a-pod web");
     assert_eq!(calls.len(), 4);
@@ -517,19 +397,19 @@ fn a_reconnection_reconciles_pods_with_the_new_snapshot() {
     drop(conn);
     drop(cni);
     client.wait_for(|s| !s.connected);
-    let cni = FakeCni::bind(&path);
-    let conn = cni.accept();
+    let cni = FakeCni::bind(&path).unwrap();
+    let conn = cni.accept().unwrap();
     assert!(!client.status().snapshot_received);
     // "a" is sent again (same namespace: nothing to redo), "b" is kept without a namespace, "c" was
     // deleted before the snapshot, and "d" is not mentioned.
-    assert_eq!(conn.add("a", Some(netns.as_fd())), "");
-    assert_eq!(conn.keep("b"), "");
-    assert_eq!(conn.del("c"), "");
+    assert_eq!(conn.add("a", &info("a"), &netns).unwrap(), "");
+    assert_eq!(conn.keep("b").unwrap(), "");
+    assert_eq!(conn.del("c").unwrap(), "");
     assert!(
         recorder.take().is_empty(),
         "nothing changes before the snapshot is complete"
     );
-    assert_eq!(conn.snapshot_sent(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     let mut removed = recorder.take();
     removed.sort();
     assert_eq!(removed, ["del c", "del d"]);
@@ -537,7 +417,7 @@ fn a_reconnection_reconciles_pods_with_the_new_snapshot() {
     assert!(client.status().ready());
 
     // After the snapshot, del acts at once.
-    assert_eq!(conn.del("b"), "");
+    assert_eq!(conn.del("b").unwrap(), "");
     assert_eq!(recorder.take(), ["del b"]);
 }
 
@@ -545,16 +425,16 @@ fn a_reconnection_reconciles_pods_with_the_new_snapshot() {
 fn a_pod_that_fails_to_start_is_reported_and_retried() {
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let recorder = Arc::new(Recorder::default());
     recorder.fail.lock().unwrap().insert("a".into());
     let mut client = Client::start(&path, recorder.clone());
     let netns = own_netns();
 
-    let conn = cni.accept();
-    let error = conn.add("a", Some(netns.as_fd()));
+    let conn = cni.accept().unwrap();
+    let error = conn.add("a", &info("a"), &netns).unwrap();
     assert!(error.contains("port 15008 is taken"), "{error:?}");
-    assert_eq!(conn.snapshot_sent(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     let status = client.status();
     assert_eq!((status.pods, status.pending), (0, 1));
     assert!(!status.ready(), "not ready while a pod cannot be served");
@@ -648,10 +528,6 @@ fn wait_until_refused(pod: &Netns, port: u16) {
     );
 }
 
-fn pod_fd(pod: &Netns) -> File {
-    File::open(format!("/var/run/netns/{}", pod.name())).unwrap()
-}
-
 #[test]
 fn pods_are_served_inside_their_own_namespaces_until_deleted() {
     mesh_test::netns::require_root().expect("this test needs root");
@@ -659,14 +535,14 @@ fn pods_are_served_inside_their_own_namespaces_until_deleted() {
     let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let served = Arc::new(Served::default());
     let _client = Client::start(&path, listener_manager(served.clone()));
 
-    let conn = cni.accept();
-    assert_eq!(conn.add("uid-a", Some(pod_fd(&a).as_fd())), "");
-    assert_eq!(conn.add("uid-b", Some(pod_fd(&b).as_fd())), "");
-    assert_eq!(conn.snapshot_sent(), "");
+    let conn = cni.accept().unwrap();
+    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+    assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     // The ack means the listeners are bound: each pod reaches its own on its loopback.
     for port in [15001, 15006, 15008] {
         assert_eq!(greeting(&a, port).unwrap(), format!("uid-a {port}"));
@@ -682,7 +558,7 @@ fn pods_are_served_inside_their_own_namespaces_until_deleted() {
         "{options:?}"
     );
 
-    assert_eq!(conn.del("uid-a"), "");
+    assert_eq!(conn.del("uid-a").unwrap(), "");
     for port in [15001, 15006, 15008] {
         wait_until_refused(&a, port);
     }
@@ -695,24 +571,24 @@ fn a_restarted_cni_keeps_resent_pods_and_removes_the_others() {
     let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
     let dir = TempDir::new();
     let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path);
+    let cni = FakeCni::bind(&path).unwrap();
     let served = Arc::new(Served::default());
     let mut client = Client::start(&path, listener_manager(served.clone()));
 
-    let conn = cni.accept();
-    assert_eq!(conn.add("uid-a", Some(pod_fd(&a).as_fd())), "");
-    assert_eq!(conn.add("uid-b", Some(pod_fd(&b).as_fd())), "");
-    assert_eq!(conn.snapshot_sent(), "");
+    let conn = cni.accept().unwrap();
+    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+    assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     drop(conn);
     drop(cni);
     client.wait_for(|s| !s.connected);
     // Pods stay served while istio-cni is away.
     assert_eq!(greeting(&b, 15008).unwrap(), "uid-b 15008");
 
-    let cni = FakeCni::bind(&path);
-    let conn = cni.accept();
-    assert_eq!(conn.add("uid-a", Some(pod_fd(&a).as_fd())), "");
-    assert_eq!(conn.snapshot_sent(), "");
+    let cni = FakeCni::bind(&path).unwrap();
+    let conn = cni.accept().unwrap();
+    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+    assert_eq!(conn.snapshot_sent().unwrap(), "");
     wait_until_refused(&b, 15008);
     assert_eq!(greeting(&a, 15008).unwrap(), "uid-a 15008");
     // "uid-a" kept its listeners: it was started once.

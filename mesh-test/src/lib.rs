@@ -7,6 +7,8 @@
 //! - [`tls_pair`]: a mutual-TLS client and server connected over real loopback TCP.
 //! - [`netns`]: network namespaces joined by veth pairs, for end-to-end tests (root only; a test that
 //!   cannot create them fails and says why).
+//! - [`cni`]: a fake istio-cni, [`cni::FakeCni`], that hands a node proxy in in-pod mode its pods and
+//!   their network namespaces over ZDS, and reads its acks with a timeout.
 //!
 //! ## Example
 //! ```
@@ -16,6 +18,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cni;
 pub mod netns;
 
 use std::sync::Arc;

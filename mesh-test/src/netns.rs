@@ -10,6 +10,7 @@
 //! `ip netns exec` command for programs (the proxy binaries, `iptables`).
 
 use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -89,6 +90,18 @@ impl Netns {
     /// The namespace's name (as `ip netns` knows it).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The namespace's file (`/var/run/netns/<name>`).
+    pub fn path(&self) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.name)
+    }
+
+    /// Opens the namespace's file: a handle on the namespace itself, as istio-cni passes one to the node
+    /// proxy (see [`crate::cni`]).
+    pub fn file(&self) -> Result<File, NetnsError> {
+        let path = self.path();
+        File::open(&path).map_err(|e| NetnsError(format!("cannot open {}: {e}", path.display())))
     }
 
     /// A command that runs `program` inside the namespace (`ip netns exec <name> <program>`).

@@ -148,10 +148,11 @@ pub(crate) struct Args {
     /// Idle pooled HBONE connections close after this.
     #[arg(long, env = "POOL_UNUSED_RELEASE_TIMEOUT", value_name = "POOL_UNUSED_RELEASE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub pool_idle_timeout: Duration,
-    /// In shared mode, take pods from istio-cni over the ZDS socket and serve each inside its own network
-    /// namespace (Istio's in-pod mode). Off, the proxy serves the node's workloads from the node's own
-    /// namespace, finding them by address (for setups without istio-cni).
-    #[arg(long, env = "INPOD_ENABLED", value_name = "INPOD_ENABLED", default_value_t = false, action = clap::ArgAction::Set)]
+    /// In shared mode, take pods from istio-cni over the ZDS socket (INPOD_UDS) and serve each inside its
+    /// own network namespace: Istio's in-pod mode, on by default as in Istio. `false`: serve the node's
+    /// workloads from the node's own namespace, finding them by address (for setups without istio-cni,
+    /// with capture rules on the node). Dedicated mode ignores it.
+    #[arg(long, env = "INPOD_ENABLED", value_name = "INPOD_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub inpod_enabled: bool,
     /// The ZDS socket istio-cni listens on.
     #[arg(
@@ -485,6 +486,10 @@ mod tests {
         assert_eq!(config.args.secret_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(config.args.pool_idle_timeout, Duration::from_secs(300));
         assert_eq!(config.args.pool_max_streams, 100);
+        assert!(
+            config.args.inpod_enabled,
+            "shared mode is in-pod mode unless told otherwise"
+        );
     }
 
     #[test]

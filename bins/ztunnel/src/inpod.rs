@@ -6,16 +6,21 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
-use mesh_core::{CertProvider, SpiffeId, TrustDomain, sys, tls};
+use mesh_core::drain::DrainWatch;
+use mesh_core::model::{MeshSnapshot, Workload};
+use mesh_core::{CertProvider, CertWatch, SpiffeId, TrustDomain, sys, tls};
 use mesh_hbone::{HboneAcceptor, HboneConfig, HboneConnector, SocketFactory};
 use mesh_proxy::conntrack::ConnectionTracker;
 use mesh_proxy::inbound::{
     ConnectFuture, Inbound, InboundConfig, PlaintextConnection, ServedWorkloads, UpstreamConnector,
     UpstreamHint,
 };
-use mesh_proxy::inpod::{InPodNetns, ListenerPodManager, PodListenerConfig, PodStart, ZdsClient, ZdsConfig};
+use mesh_proxy::inpod::{
+    InPodNetns, ListenerPodManager, PodListenerConfig, PodStart, WorkloadInfo, ZdsClient, ZdsConfig,
+};
 use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
 use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::state::ProxyState;
@@ -64,17 +69,21 @@ pub(crate) fn start(
 }
 
 /// Serves one pod until its drain fires (the pod was deleted, or the proxy is stopping).
+///
+/// The listeners are bound before this runs (istio-cni's ack promised it); until the pod's workload is in
+/// the configuration and its certificate is at hand, connections wait in their backlog.
 async fn serve_pod(
     pod: PodStart,
     context: PodContext,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let identity = SpiffeId::istio(
-        &context.trust_domain,
-        &pod.info.namespace,
-        &pod.info.service_account,
-    )?;
-    let cert = context.certs.certificate(&identity).await?;
-    tracing::info!(uid = %pod.uid, %identity, "serving pod (in-pod mode)");
+    let Some(workload) = wait_for_workload(&context, &pod.info, &pod.drain).await else {
+        return Ok(());
+    };
+    let identity = workload.identity()?;
+    let Some(cert) = fetch_certificate(&context, &identity, &pod.drain).await else {
+        return Ok(());
+    };
+    tracing::info!(uid = %pod.uid, workload = %workload.uid, %identity, "serving pod (in-pod mode)");
     let sockets = Arc::new(PodSockets {
         netns: pod.netns.clone(),
     });
@@ -83,7 +92,9 @@ async fn serve_pod(
         .with_socket_factory(sockets.clone());
     let outbound = Outbound::new(
         OutboundConfig {
-            source: SourceLookup::Workload { uid: pod.uid.clone() },
+            source: SourceLookup::Workload {
+                uid: workload.uid.clone(),
+            },
             local_node: context.local_node.clone(),
             in_pod: true,
             mark: Some(sys::PROXY_MARK),
@@ -94,7 +105,7 @@ async fn serve_pod(
         context.observers.clone(),
     );
     let inbound = Inbound::new(
-        InboundConfig::new(ServedWorkloads::Workload(pod.uid.clone())),
+        InboundConfig::new(ServedWorkloads::Workload(workload.uid.clone())),
         context.state.clone(),
         context.tracker.clone(),
     )
@@ -144,12 +155,94 @@ async fn serve_pod(
     Ok(())
 }
 
+/// How long a pod waits for its workload in the configuration before that is worth a warning.
+const WORKLOAD_WAIT_WARNING: Duration = Duration::from_secs(5);
+
+/// The longest pause between two attempts at a pod's certificate.
+const MAX_CERT_RETRY: Duration = Duration::from_secs(30);
+
+/// The workload istio-cni described, once the configuration has it; `None` if the pod is drained first.
+///
+/// istio-cni names a pod by its Kubernetes UID, while xDS keys the same pod `<cluster>//Pod/<ns>/<name>`:
+/// as Istio's ztunnel does, the workload is found by what istio-cni says of it (namespace, name and
+/// service account), preferring one on this node should several clusters have such a pod.
+async fn wait_for_workload(
+    context: &PodContext,
+    info: &WorkloadInfo,
+    drain: &DrainWatch,
+) -> Option<Arc<Workload>> {
+    let mut mesh = context.state.mesh.clone();
+    let warn_at = tokio::time::Instant::now() + WORKLOAD_WAIT_WARNING;
+    let mut warned = false;
+    let mut snapshot = mesh.current();
+    loop {
+        if let Some(workload) = find_workload(&snapshot, info, context.local_node.as_deref()) {
+            return Some(workload);
+        }
+        tokio::select! {
+            () = drain.signaled() => return None,
+            changed = mesh.changed() => snapshot = changed?,
+            () = tokio::time::sleep_until(warn_at), if !warned => {
+                warned = true;
+                tracing::warn!(
+                    namespace = %info.namespace, name = %info.name, service_account = %info.service_account,
+                    "in-pod: no workload in the configuration matches the pod istio-cni sent; its connections wait"
+                );
+            }
+        }
+    }
+}
+
+/// The workload matching `info` in `snapshot`, one on `local_node` first.
+fn find_workload(
+    snapshot: &MeshSnapshot,
+    info: &WorkloadInfo,
+    local_node: Option<&str>,
+) -> Option<Arc<Workload>> {
+    let mut matching = snapshot.workloads().filter(|w| {
+        *w.namespace == *info.namespace
+            && *w.name == *info.name
+            && *w.service_account == *info.service_account
+    });
+    let first = matching.next()?;
+    let on_node = |w: &&Arc<Workload>| local_node.is_some_and(|node| *w.node == *node);
+    if on_node(&first) {
+        return Some(first.clone());
+    }
+    Some(matching.find(on_node).unwrap_or(first).clone())
+}
+
+/// The pod's certificate, retried with backoff while the CA fails (a pod whose listeners are bound must
+/// not be left unserved by one failed request); `None` if the pod is drained first.
+async fn fetch_certificate(
+    context: &PodContext,
+    identity: &SpiffeId,
+    drain: &DrainWatch,
+) -> Option<CertWatch> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let error = tokio::select! {
+            () = drain.signaled() => return None,
+            fetched = context.certs.certificate(identity) => match fetched {
+                Ok(cert) => return Some(cert),
+                Err(error) => error,
+            },
+        };
+        tracing::warn!(%identity, %error, retry_in = ?pause, "in-pod: cannot get the pod's certificate");
+        tokio::select! {
+            () = drain.signaled() => return None,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(MAX_CERT_RETRY);
+    }
+}
+
 /// Runs the accept loop on a listener it owns (until the pod's drain).
 async fn serve_owned<H: ConnectionHandler>(
     listener: tokio::net::TcpListener,
     handler: H,
     config: ListenerConfig,
-    drain: mesh_core::drain::DrainWatch,
+    drain: DrainWatch,
 ) {
     serve_tcp(listener, handler, &config, drain).await;
 }
@@ -193,5 +286,60 @@ impl SocketFactory for PodSockets {
 impl UpstreamConnector for PodSockets {
     fn connect(&self, destination: SocketAddr, _hint: &UpstreamHint) -> ConnectFuture {
         Box::pin(Self::connect(self.netns.clone(), destination))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(uid: &str, name: &str, service_account: &str, node: &str) -> Workload {
+        Workload {
+            service_account: service_account.into(),
+            node: node.into(),
+            ..Workload::new(uid, name, "default")
+        }
+    }
+
+    fn info(name: &str, service_account: &str) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            namespace: "default".into(),
+            service_account: service_account.into(),
+        }
+    }
+
+    #[test]
+    fn the_pod_is_found_by_what_istio_cni_says_of_it_on_this_node_first() {
+        let mut builder = MeshSnapshot::builder();
+        builder
+            .add_workload(pod("east//Pod/default/web-0", "web-0", "web", "node-b"))
+            .add_workload(pod("west//Pod/default/web-0", "web-0", "web", "node-a"))
+            .add_workload(pod("west//Pod/default/db-0", "db-0", "db", "node-a"));
+        let snapshot = builder.build().unwrap();
+        let found = |info: &WorkloadInfo, node: Option<&str>| {
+            find_workload(&snapshot, info, node).map(|w| w.uid.to_string())
+        };
+        assert_eq!(
+            found(&info("web-0", "web"), Some("node-a")).as_deref(),
+            Some("west//Pod/default/web-0")
+        );
+        assert_eq!(
+            found(&info("web-0", "web"), Some("node-b")).as_deref(),
+            Some("east//Pod/default/web-0")
+        );
+        // Elsewhere (or with no node configured) any match serves; a mismatch in any part is none.
+        assert!(found(&info("web-0", "web"), None).is_some());
+        assert_eq!(
+            found(&info("db-0", "db"), Some("node-z")).as_deref(),
+            Some("west//Pod/default/db-0")
+        );
+        assert_eq!(found(&info("db-0", "web"), Some("node-a")), None);
+        assert_eq!(found(&info("web-1", "web"), Some("node-a")), None);
+        let other_namespace = WorkloadInfo {
+            namespace: "prod".into(),
+            ..info("web-0", "web")
+        };
+        assert_eq!(found(&other_namespace, Some("node-a")), None);
     }
 }

@@ -54,6 +54,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     let readiness = Readiness::new();
     let certs_ready = readiness.register("workload certificates");
     let config_ready = readiness.register("configuration (first xDS push or local file)");
+    // In in-pod mode: every pod of istio-cni's snapshot served.
     let listeners_ready = readiness.register("listeners");
 
     let metrics = Arc::new(Metrics::new());
@@ -126,7 +127,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             local_node: Some(config.args.node_name.as_str().into()),
         };
         mesh_proxy::inpod::verify_capabilities(Some(sys::PROXY_MARK))?;
-        let (zds, _pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;
+        let (zds, pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;
         let mut status = zds.status();
         tokio::spawn(zds.run(drain.clone()));
         // Pods fetch their certificates as they arrive.
@@ -140,7 +141,18 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         tracing::info!(socket = %config.args.inpod_uds.display(), "ztunnel in in-pod mode: waiting for pods from istio-cni");
         // The drain completes when every watch is gone: this function's own must go first.
         drop(drain);
-        return shut_down_on_signal(&config, quit_rx, drain_trigger).await;
+        let stopped = shut_down_on_signal(&config, quit_rx, drain_trigger).await;
+        // Each pod's listeners drain on their own trigger, with the same deadline.
+        if tokio::time::timeout(
+            config.args.drain_deadline + Duration::from_secs(1),
+            pods.drain_all(),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!("pod connections still open after the drain deadline; closing them");
+        }
+        return stopped;
     }
 
     // Who this proxy serves, and with which certificate on 15008.

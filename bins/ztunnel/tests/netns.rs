@@ -245,6 +245,8 @@ workloads:
         &[
             ("PROXY_MODE", "shared".to_owned()),
             ("NODE_NAME", "server-node".to_owned()),
+            // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
+            ("INPOD_ENABLED", "false".to_owned()),
         ],
     );
     let client_proxy = Ztunnel::dedicated(&client, &dir.0, "client", "client-token");

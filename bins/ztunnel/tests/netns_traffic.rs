@@ -375,6 +375,8 @@ fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
         &[
             ("PROXY_MODE", "shared".to_owned()),
             ("NODE_NAME", "node-a".to_owned()),
+            // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
+            ("INPOD_ENABLED", "false".to_owned()),
         ],
     );
     let logs = || proxy.log();

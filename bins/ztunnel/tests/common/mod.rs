@@ -9,6 +9,7 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code, clippy::unwrap_used, missing_docs, unreachable_pub)]
 
+pub mod inpod;
 pub mod wire;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -376,6 +377,12 @@ impl ControlPlane {
     /// Serves `dir/config` on `SERVER_IP:15012` inside `node`, accepting `tokens`; writes its root to
     /// `dir/root.pem`.
     pub fn start(node: &Netns, dir: &Path, tokens: StaticTokens) -> ControlPlane {
+        Self::start_at(node, &format!("{SERVER_IP}:15012"), dir, tokens)
+    }
+
+    /// [`ControlPlane::start`] listening on `listen` (`ip:port`, an address of `node`).
+    pub fn start_at(node: &Netns, listen: &str, dir: &Path, tokens: StaticTokens) -> ControlPlane {
+        let listen: SocketAddr = listen.parse().unwrap();
         let (root_tx, root_rx) = std::sync::mpsc::channel();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let config_dir = dir.join("config");
@@ -392,7 +399,7 @@ impl ControlPlane {
                     let td = TrustDomain::new("cluster.local").unwrap();
                     let ca = Arc::new(DevCa::new(td, Duration::from_secs(3600)).unwrap());
                     let mut config = ServerConfig::new(config_dir);
-                    config.listen = format!("{SERVER_IP}:15012").parse().unwrap();
+                    config.listen = listen;
                     config.poll_interval = Duration::from_millis(100);
                     config.auth = ClientAuth::Authenticators(vec![Arc::new(tokens)]);
                     let server = Server::start(config, ca).await.unwrap();

@@ -1,0 +1,484 @@
+//! ztunnel in in-pod mode end to end, as Istio ambient runs it on Kubernetes nodes: each node a network
+//! namespace running our `ztunnel` binary (`PROXY_MODE=shared`, `INPOD_ENABLED=true`), each pod a
+//! namespace of its own behind its node (`10.0.<node>.<pod>`, see `common::inpod`) with Istio's in-pod
+//! capture rules inside, a fake istio-cni handing ztunnel the pods' namespaces over ZDS (with the
+//! Kubernetes pod UIDs real istio-cni sends), and the local control plane on the nodes' network serving
+//! xDS and certificates. The application's bytes must cross HBONE with mutual TLS between the pods'
+//! own listeners, on one node and between two; a pod istio-cni deletes must lose its listeners; a DENY
+//! policy must refuse; the proxy must not report ready before istio-cni's snapshot is complete.
+//!
+//! Needs root, iproute2 and iptables (CI installs them); without them the tests fail and say why.
+
+#![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
+
+mod common;
+
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use common::inpod::{CONTROL_PLANE_ADDR, Network, Node, Pod, listening, readiness, start_ztunnel};
+use common::wire::{self, LinkCapture};
+use common::{
+    APP_PORT, App, ControlPlane, TempDir, Ztunnel, echo_app, eventually, has_metric, metric_sum, metrics,
+    round_trip_to,
+};
+use mesh_core::SpiffeId;
+use mesh_test::cni::{CniConnection, FakeCni};
+use mesh_xds::ca::{Caller, StaticTokens};
+
+/// The fake istio-cni waits this long for a step (a ztunnel starting on a loaded machine included).
+const CNI_STEP: Duration = Duration::from_secs(30);
+
+/// One node's ztunnel and its connection from istio-cni.
+struct NodeProxy {
+    proxy: Ztunnel,
+    cni: CniConnection,
+    _listener: FakeCni,
+}
+
+/// A cluster: the network, nodes with their pods (each running an echo app on [`APP_PORT`]), the control
+/// plane, and a ztunnel per node connected to its own fake istio-cni. Fields drop in order: proxies,
+/// apps, pods, nodes, control plane, network, files.
+struct Cluster {
+    proxies: Vec<NodeProxy>,
+    apps: Vec<App>,
+    /// Each pod with the index of its node.
+    pods: Vec<(usize, Pod)>,
+    nodes: Vec<Node>,
+    control_plane: ControlPlane,
+    network: Network,
+    dir: TempDir,
+}
+
+impl Cluster {
+    /// Nodes with the pods on each (`(node, [pod, ...])`), every ztunnel connected to its istio-cni but
+    /// told of no pod yet.
+    fn start(layout: &[(&str, &[&str])]) -> Cluster {
+        let network = Network::new();
+        let mut nodes = Vec::new();
+        let mut pods = Vec::new();
+        for (index, (node_name, pod_names)) in layout.iter().enumerate() {
+            let node = network.node(node_name);
+            for name in *pod_names {
+                pods.push((index, node.pod(name)));
+            }
+            nodes.push(node);
+        }
+        let dir = TempDir::new();
+        let yaml: String = pods.iter().map(|(n, pod)| pod.yaml(&nodes[*n])).collect();
+        dir.write_config("pods.yaml", &yaml);
+        let ztunnel = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
+        let tokens = nodes.iter().fold(StaticTokens::new(), |tokens, node| {
+            tokens.with(
+                format!("{}-token", node.name),
+                Caller::new(ztunnel.clone()).on_node(node.name.clone()),
+            )
+        });
+        let control_plane = ControlPlane::start_at(&network.netns, CONTROL_PLANE_ADDR, dir.path(), tokens);
+        let apps = pods
+            .iter()
+            .map(|(_, pod)| echo_app(&pod.netns, &pod.ip, APP_PORT))
+            .collect();
+        // Every ztunnel starts before the first is waited for: they come up in parallel.
+        let started: Vec<(FakeCni, Ztunnel)> = nodes
+            .iter()
+            .map(|node| {
+                let socket = dir.path().join(format!("{}.sock", node.name));
+                let cni = FakeCni::bind_with_timeout(&socket, CNI_STEP).unwrap();
+                let token = format!("{}-token", node.name);
+                (cni, start_ztunnel(node, dir.path(), &socket, &token))
+            })
+            .collect();
+        let proxies = started
+            .into_iter()
+            .map(|(listener, proxy)| {
+                let cni = listener
+                    .accept()
+                    .unwrap_or_else(|e| panic!("ztunnel did not connect to istio-cni: {e}\n{}", proxy.log()));
+                NodeProxy {
+                    proxy,
+                    cni,
+                    _listener: listener,
+                }
+            })
+            .collect();
+        Cluster {
+            proxies,
+            apps,
+            pods,
+            nodes,
+            control_plane,
+            network,
+            dir,
+        }
+    }
+
+    fn pod(&self, name: &str) -> &Pod {
+        self.pod_and_node(name).1
+    }
+
+    fn pod_and_node(&self, name: &str) -> (usize, &Pod) {
+        self.pods
+            .iter()
+            .find(|(_, pod)| pod.name == name)
+            .map(|(node, pod)| (*node, pod))
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+
+    /// istio-cni's `add` for pod `name`, with its namespace; the ack's error text.
+    fn add(&self, name: &str) -> String {
+        let (node, pod) = self.pod_and_node(name);
+        self.proxies[node]
+            .cni
+            .add(&pod.uid, &pod.info(), &pod.netns.file().unwrap())
+            .unwrap()
+    }
+
+    /// istio-cni's `del` for pod `name`; the ack's error text.
+    fn del(&self, name: &str) -> String {
+        let (node, pod) = self.pod_and_node(name);
+        self.proxies[node].cni.del(&pod.uid).unwrap()
+    }
+
+    fn snapshot_sent(&self, node: usize) -> String {
+        self.proxies[node].cni.snapshot_sent().unwrap()
+    }
+
+    /// Every pod added to its node's ztunnel, every snapshot sent, every ztunnel ready.
+    fn enroll_all(&self) {
+        for (_, pod) in &self.pods {
+            assert_eq!(self.add(&pod.name), "", "add {}\n{}", pod.name, self.logs());
+        }
+        for node in 0..self.nodes.len() {
+            assert_eq!(self.snapshot_sent(node), "", "{}", self.logs());
+        }
+        for node in &self.nodes {
+            eventually(
+                Duration::from_secs(30),
+                "ztunnel readiness",
+                || matches!(readiness(node), Some((200, _))),
+                || self.logs(),
+            );
+        }
+    }
+
+    /// Metrics of the ztunnel of node `node`.
+    fn metrics(&self, node: usize) -> String {
+        let node = &self.nodes[node];
+        metrics(&node.netns, &node.ip())
+    }
+
+    /// One line from pod `from` to the echo app of pod `to`: the reply, or why not.
+    fn round_trip(&self, from: &str, to: &str, message: &str) -> Result<String, String> {
+        round_trip_to(&self.pod(from).netns, &self.pod(to).addr(APP_PORT), message)
+    }
+
+    fn logs(&self) -> String {
+        let mut logs = String::new();
+        for (node, proxy) in self.nodes.iter().zip(&self.proxies) {
+            logs += &format!("--- ztunnel on {} ---\n{}\n", node.name, proxy.proxy.log());
+        }
+        logs + &format!(
+            "--- control plane: {}",
+            self.control_plane
+                .last_error()
+                .unwrap_or_else(|| "configuration accepted".into())
+        )
+    }
+
+    /// SIGTERM to every ztunnel, each of which must exit cleanly; then the control plane stops.
+    fn shut_down(self) {
+        let logs = self.logs();
+        for NodeProxy { proxy, .. } in self.proxies {
+            assert!(proxy.terminate().success(), "{logs}");
+        }
+        self.control_plane.stop();
+        drop((self.apps, self.pods, self.nodes, self.network, self.dir));
+    }
+}
+
+/// Asserts that the ztunnel of pod `client`'s node reported a connection from it to pod `server` as the
+/// source, and the ztunnel of `server`'s node as the destination, both with mutual TLS and the identity
+/// the other side proved.
+fn assert_mutual_tls_reported(cluster: &Cluster, client: &str, server: &str) {
+    let (client_node, client_pod) = cluster.pod_and_node(client);
+    let (server_node, server_pod) = cluster.pod_and_node(server);
+    eventually(
+        Duration::from_secs(10),
+        "both reporters with mutual TLS and the proven identities",
+        || {
+            has_metric(
+                &cluster.metrics(client_node),
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("reporter", "source"),
+                    ("source_workload", client),
+                    ("source_principal", &client_pod.principal()),
+                    ("destination_workload", server),
+                    ("destination_principal", &server_pod.principal()),
+                    ("connection_security_policy", "mutual_tls"),
+                ],
+            ) && has_metric(
+                &cluster.metrics(server_node),
+                "istio_tcp_connections_opened_total",
+                &[
+                    ("reporter", "destination"),
+                    ("source_workload", client),
+                    ("source_principal", &client_pod.principal()),
+                    ("destination_workload", server),
+                    ("connection_security_policy", "mutual_tls"),
+                ],
+            )
+        },
+        || {
+            format!(
+                "{}\n{}\n{}",
+                cluster.metrics(client_node),
+                cluster.metrics(server_node),
+                cluster.logs()
+            )
+        },
+    );
+}
+
+#[test]
+fn two_pods_of_one_node_talk_through_their_own_listeners_over_hbone() {
+    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+    cluster.enroll_all();
+    // Each pod has ztunnel's three listeners inside its own namespace; the node has none of them.
+    for name in ["client", "server"] {
+        for port in [15001, 15006, 15008] {
+            assert!(
+                listening(cluster.pod(name), port),
+                "{name} has no listener on {port}\n{}",
+                cluster.logs()
+            );
+        }
+    }
+    let node = &cluster.nodes[0];
+    for port in [15001, 15006, 15008] {
+        let addr = format!("{}:{port}", node.ip());
+        let connected = node
+            .netns
+            .run(move || std::net::TcpStream::connect(addr.as_str()).is_ok())
+            .unwrap();
+        assert!(!connected, "the node itself listens on {port} in in-pod mode");
+    }
+
+    // The client application connects straight to the server pod; the capture inside the client pod
+    // hands the connection to ztunnel, and the server's side of ztunnel, inside the server pod, connects
+    // to the application from the pod's own address (a direct connection would come from the client's).
+    let reply = cluster
+        .round_trip("client", "server", "hello")
+        .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+    assert_eq!(reply, format!("echo hello from {}", cluster.pod("server").ip));
+    assert_mutual_tls_reported(&cluster, "client", "server");
+    // And back: the server pod is a client too.
+    let reply = cluster.round_trip("server", "client", "back").unwrap();
+    assert_eq!(reply, format!("echo back from {}", cluster.pod("client").ip));
+    assert_mutual_tls_reported(&cluster, "server", "client");
+    cluster.shut_down();
+}
+
+#[test]
+fn a_pod_deleted_by_istio_cni_loses_its_listeners_and_its_traffic() {
+    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+    cluster.enroll_all();
+    assert!(
+        cluster.round_trip("client", "server", "before").is_ok(),
+        "{}",
+        cluster.logs()
+    );
+
+    assert_eq!(cluster.del("server"), "", "{}", cluster.logs());
+    for port in [15001, 15006, 15008] {
+        eventually(
+            Duration::from_secs(15),
+            "the deleted pod's listener to close",
+            || !listening(cluster.pod("server"), port),
+            || cluster.logs(),
+        );
+    }
+    // Traffic to it fails: its capture rules remain, and nothing serves them any more.
+    eventually(
+        Duration::from_secs(15),
+        "connections to the deleted pod to fail",
+        || cluster.round_trip("client", "server", "after").is_err(),
+        || cluster.logs(),
+    );
+    // The other pod is still served.
+    for port in [15001, 15006, 15008] {
+        assert!(listening(cluster.pod("client"), port), "{}", cluster.logs());
+    }
+
+    // Added again (say, its sandbox was recreated), it is served again.
+    assert_eq!(cluster.add("server"), "", "{}", cluster.logs());
+    eventually(
+        Duration::from_secs(15),
+        "the re-added pod to be reachable",
+        || cluster.round_trip("client", "server", "again").is_ok(),
+        || cluster.logs(),
+    );
+    cluster.shut_down();
+}
+
+#[test]
+fn a_deny_policy_from_the_control_plane_refuses_the_denied_client_only() {
+    let cluster = Cluster::start(&[("node-a", &["client", "other", "server"])]);
+    cluster.enroll_all();
+    for from in ["client", "other"] {
+        assert!(
+            cluster.round_trip(from, "server", "before").is_ok(),
+            "{from}\n{}",
+            cluster.logs()
+        );
+    }
+
+    cluster.dir.write_config(
+        "policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: default}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
+"#,
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the DENY policy to refuse the client",
+        || cluster.round_trip("client", "server", "denied").is_err(),
+        || cluster.logs(),
+    );
+    let reply = cluster.round_trip("other", "server", "allowed").unwrap();
+    assert_eq!(reply, format!("echo allowed from {}", cluster.pod("server").ip));
+    eventually(
+        Duration::from_secs(10),
+        "the denial in the destination's metrics",
+        || {
+            metric_sum(
+                &cluster.metrics(0),
+                "istio_tcp_connections_closed_total",
+                &[
+                    ("reporter", "destination"),
+                    ("source_principal", &cluster.pod("client").principal()),
+                    ("destination_workload", "server"),
+                    ("response_flags", "DENY"),
+                ],
+            ) >= 1.0
+        },
+        || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
+    );
+    cluster.shut_down();
+}
+
+#[test]
+fn ztunnel_is_ready_only_once_istio_cni_has_sent_its_snapshot() {
+    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+    let node = &cluster.nodes[0];
+    // Configuration and certificates are in; only istio-cni's snapshot is missing.
+    let waiting = "not ready, pending: listeners";
+    eventually(
+        Duration::from_secs(30),
+        "ztunnel to wait for nothing but istio-cni",
+        || readiness(node) == Some((503, waiting.to_owned())),
+        || format!("{:?}\n{}", readiness(node), cluster.logs()),
+    );
+    // Pods arrive (their listeners are bound when the ack comes), yet the snapshot is not complete.
+    for pod in ["client", "server"] {
+        assert_eq!(cluster.add(pod), "", "{}", cluster.logs());
+    }
+    assert_eq!(readiness(node), Some((503, waiting.to_owned())));
+
+    assert_eq!(cluster.snapshot_sent(0), "");
+    eventually(
+        Duration::from_secs(10),
+        "ztunnel to report ready after the snapshot",
+        || readiness(node) == Some((200, "ready".to_owned())),
+        || format!("{:?}\n{}", readiness(node), cluster.logs()),
+    );
+    assert!(
+        cluster.round_trip("client", "server", "ready").is_ok(),
+        "{}",
+        cluster.logs()
+    );
+    cluster.shut_down();
+}
+
+/// The index of interface `name` in `ns`.
+fn ifindex(ns: &mesh_test::netns::Netns, name: &str) -> u32 {
+    let output = ns.ip(&["-o", "link", "show", name]).unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn pods_on_two_nodes_talk_across_the_network_in_mutual_tls_only() {
+    let cluster = Cluster::start(&[("node-a", &["client"]), ("node-b", &["server"])]);
+    cluster.enroll_all();
+    let node_a = &cluster.nodes[0];
+    let capture = LinkCapture::start(&node_a.netns, ifindex(&node_a.netns, "eth0"));
+
+    let state = std::collections::hash_map::RandomState::new();
+    let marker: String = (0..4).map(|i| format!("{:016x}", state.hash_one(i))).collect();
+    let reply = cluster
+        .round_trip("client", "server", &marker)
+        .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+    assert_eq!(reply, format!("echo {marker} from {}", cluster.pod("server").ip));
+    let frames = capture.stop();
+
+    // Between the nodes: a connection from the client pod to the server pod's 15008 carrying TLS, and
+    // the application's bytes nowhere in clear.
+    for frame in &frames {
+        assert!(
+            !wire::contains(frame, marker.as_bytes()),
+            "the application's bytes crossed the network in clear"
+        );
+    }
+    let streams = wire::tcp_streams(&frames);
+    let client_ip = cluster.pod("client").ip.clone();
+    let server_ip = cluster.pod("server").ip.clone();
+    let hbone: Vec<_> = streams
+        .iter()
+        .filter(|(flow, _)| {
+            flow.src.ip().to_string() == client_ip
+                && flow.dst.ip().to_string() == server_ip
+                && flow.dst.port() == 15008
+        })
+        .collect();
+    assert!(
+        !hbone.is_empty(),
+        "no connection from {client_ip} to {server_ip}:15008 crossed node-a's link: {:?}",
+        streams.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        hbone.iter().any(|(_, stream)| stream.syn),
+        "the HBONE connection's start was not captured"
+    );
+    for (flow, stream) in hbone {
+        assert!(
+            !wire::contains(&stream.bytes, marker.as_bytes()),
+            "the application's bytes in clear in {flow:?}"
+        );
+        if stream.syn {
+            let records = wire::tls_records(&stream.bytes)
+                .unwrap_or_else(|e| panic!("{flow:?} does not carry TLS: {e}"));
+            assert_eq!(
+                records.first().map(|(t, _)| *t),
+                Some(wire::HANDSHAKE),
+                "{flow:?}"
+            );
+        }
+    }
+    assert!(
+        streams
+            .keys()
+            .all(|flow| flow.dst.port() != APP_PORT && flow.src.port() != APP_PORT),
+        "a connection to the application port crossed the network"
+    );
+    assert_mutual_tls_reported(&cluster, "client", "server");
+    cluster.shut_down();
+}
