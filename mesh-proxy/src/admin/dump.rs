@@ -253,69 +253,33 @@ fn service_accounts(matches: &[ServiceAccountMatch]) -> Value {
 /// Only the conditions a match sets, so a dump reads like the policy that produced it.
 fn match_json(m: &L4Match) -> Value {
     let mut out = Map::new();
-    let mut put = |key: &str, value: Value, empty: bool| {
-        if !empty {
-            out.insert(key.to_owned(), value);
-        }
-    };
     let ips = |nets: &[_]| -> Value { json!(nets.iter().map(ToString::to_string).collect::<Vec<String>>()) };
-    put(
-        "namespaces",
-        string_matches(&m.namespaces),
-        m.namespaces.is_empty(),
-    );
-    put(
-        "notNamespaces",
-        string_matches(&m.not_namespaces),
-        m.not_namespaces.is_empty(),
-    );
-    put(
-        "serviceAccounts",
-        service_accounts(&m.service_accounts),
-        m.service_accounts.is_empty(),
-    );
-    put(
+    let ports = |ports: &[u16]| json!(ports);
+    put_set(&mut out, "namespaces", &m.namespaces, string_matches);
+    put_set(&mut out, "notNamespaces", &m.not_namespaces, string_matches);
+    put_set(&mut out, "serviceAccounts", &m.service_accounts, service_accounts);
+    put_set(
+        &mut out,
         "notServiceAccounts",
-        service_accounts(&m.not_service_accounts),
-        m.not_service_accounts.is_empty(),
+        &m.not_service_accounts,
+        service_accounts,
     );
-    put(
-        "principals",
-        string_matches(&m.principals),
-        m.principals.is_empty(),
-    );
-    put(
-        "notPrincipals",
-        string_matches(&m.not_principals),
-        m.not_principals.is_empty(),
-    );
-    put("sourceIps", ips(&m.source_ips), m.source_ips.is_empty());
-    put(
-        "notSourceIps",
-        ips(&m.not_source_ips),
-        m.not_source_ips.is_empty(),
-    );
-    put(
-        "destinationIps",
-        ips(&m.destination_ips),
-        m.destination_ips.is_empty(),
-    );
-    put(
-        "notDestinationIps",
-        ips(&m.not_destination_ips),
-        m.not_destination_ips.is_empty(),
-    );
-    put(
-        "destinationPorts",
-        json!(m.destination_ports),
-        m.destination_ports.is_empty(),
-    );
-    put(
-        "notDestinationPorts",
-        json!(m.not_destination_ports),
-        m.not_destination_ports.is_empty(),
-    );
+    put_set(&mut out, "principals", &m.principals, string_matches);
+    put_set(&mut out, "notPrincipals", &m.not_principals, string_matches);
+    put_set(&mut out, "sourceIps", &m.source_ips, ips);
+    put_set(&mut out, "notSourceIps", &m.not_source_ips, ips);
+    put_set(&mut out, "destinationIps", &m.destination_ips, ips);
+    put_set(&mut out, "notDestinationIps", &m.not_destination_ips, ips);
+    put_set(&mut out, "destinationPorts", &m.destination_ports, ports);
+    put_set(&mut out, "notDestinationPorts", &m.not_destination_ports, ports);
     Value::Object(out)
+}
+
+/// Adds `key` with `items` encoded, unless there are none.
+fn put_set<T>(out: &mut Map<String, Value>, key: &str, items: &[T], encode: impl FnOnce(&[T]) -> Value) {
+    if !items.is_empty() {
+        out.insert(key.to_owned(), encode(items));
+    }
 }
 
 /// One policy.
