@@ -1,0 +1,255 @@
+//! # meshbench: our ztunnel end to end, against the same path without it
+//!
+//! `cargo run -p meshkit-benches --release --bin meshbench -- [--quick] [--json FILE] [--ztunnel PATH]`
+//! (as root). One command measures what issue 7 asks of the data plane, as ratios against a baseline
+//! measured in the same run:
+//!
+//! 1. **Setup** ([`setup`]): checks root, `ip` and `iptables`; installs `wrk` and `iperf3` with
+//!    `apt-get install` when they are missing (and says so); builds our proxy with
+//!    `cargo build --release -p ztunnel` as a subprocess (a no-op when it is up to date, so a stale binary is
+//!    never measured) unless `--ztunnel PATH` names one.
+//! 2. **Topology** ([`topology`]): namespaces "client" (10.10.0.1) and "server" (10.10.0.2) joined by a veth;
+//!    our ztunnel in each (dedicated mode: one workload per proxy); the local control plane
+//!    (`mesh_xds::server::Server`, static tokens) on a thread joined to the server namespace; an HTTP/1.1
+//!    keep-alive server ([`http`], `GET /` answers 200 with 1 KiB) and `iperf3 -s` in the server
+//!    namespace. In the client namespace iptables REDIRECTs the application's traffic to 15001; the
+//!    baseline runs with that one rule removed, so the same client reaches the same server directly over the
+//!    veth. Each measurement checks the server proxy's connection counter to prove which path it took.
+//! 3. **Loads** ([`load`]), each bounded in time (10 s, 3 s with `--quick`) and run direct, then through the
+//!    mesh: `wrk --latency` keep-alive with 1 and 64 connections, `wrk` with `Connection: close` and 16
+//!    connections, and `iperf3 -J` with one stream. Before them: the proxies' idle memory, and the memory
+//!    each idle tunnelled connection costs (500 connections held open through the mesh).
+//! 4. **Report** ([`report`]): requests/s or Gbit/s, p50/p99, the ratio to the baseline, CPU of both
+//!    proxies per 1,000 requests or per GB (from `/proc/<pid>/stat`, see [`procfs`]), each proxy's RSS idle,
+//!    under load and at peak, the issue's targets beside our figures, and the machine; as a table, and as
+//!    JSON with `--json FILE`.
+//! 5. **Cleanup**: every namespace, process, rule and file belongs to a guard that removes it when dropped,
+//!    on success, on error, and on Ctrl-C or SIGTERM (the signal ends the run at its next step and the
+//!    guards run).
+//!
+//! Not here yet (the next slice of issue 7): the fixed-rate request/response generator that records
+//! latency without coordinated omission in an HdrHistogram, and `--plot` for a latency-distribution chart.
+//! `wrk`'s percentiles are what this tool reports today, and `wrk` is a closed-loop generator: its
+//! latencies are the ones a saturated client sees, not those of a fixed request rate.
+//!
+//! Results and how to read them: `docs/performance.md`, section "End to end (meshbench)".
+#![forbid(unsafe_code)]
+
+mod http;
+mod load;
+mod procfs;
+mod report;
+mod setup;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// What went wrong, by the step that failed; each carries a message for the person running the tool.
+#[derive(Debug)]
+pub(crate) enum Error {
+    /// The machine lacks something the run needs (root, a tool, the proxy binary).
+    Setup(String),
+    /// Namespaces, proxies, control plane or servers could not be brought up.
+    Topology(String),
+    /// A load generator failed, timed out, or printed something we cannot read.
+    Load(String),
+    /// Reading or writing a file.
+    Io(String, std::io::Error),
+    /// Ctrl-C or SIGTERM: the run stopped early.
+    Interrupted,
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Setup(why) => write!(f, "setup: {why}"),
+            Error::Topology(why) => write!(f, "topology: {why}"),
+            Error::Load(why) => write!(f, "load: {why}"),
+            Error::Io(what, error) => write!(f, "{what}: {error}"),
+            Error::Interrupted => f.write_str("interrupted; namespaces and processes were cleaned up"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<mesh_test::netns::NetnsError> for Error {
+    fn from(error: mesh_test::netns::NetnsError) -> Self {
+        Error::Topology(error.0)
+    }
+}
+
+pub(crate) type Result<T> = std::result::Result<T, Error>;
+
+/// The command line.
+#[derive(Debug)]
+pub(crate) struct Args {
+    /// Each load runs this long (10 s; 3 s with `--quick`).
+    pub(crate) duration: Duration,
+    /// Whether `--quick` was given (recorded in the report).
+    pub(crate) quick: bool,
+    /// Where to write the JSON report.
+    pub(crate) json: Option<PathBuf>,
+    /// A ztunnel binary to use instead of building one.
+    pub(crate) ztunnel: Option<PathBuf>,
+}
+
+const USAGE: &str = "\
+usage: meshbench [--quick] [--json FILE] [--ztunnel PATH]
+
+Measures our ztunnel end to end in two network namespaces against the same path
+without it (see docs/performance.md). Needs root; installs wrk and iperf3 with
+apt-get when they are missing; builds the proxy with
+`cargo build --release -p ztunnel` unless --ztunnel names a binary.
+
+  --quick         3-second loads instead of 10
+  --json FILE     also write the results as JSON to FILE
+  --ztunnel PATH  use this ztunnel binary instead of building one";
+
+impl Args {
+    fn parse(mut args: impl Iterator<Item = String>) -> std::result::Result<Args, String> {
+        let mut parsed = Args {
+            duration: Duration::from_secs(10),
+            quick: false,
+            json: None,
+            ztunnel: None,
+        };
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => {
+                    parsed.quick = true;
+                    parsed.duration = Duration::from_secs(3);
+                }
+                "--json" => {
+                    let file = args.next().ok_or("--json needs a file name")?;
+                    parsed.json = Some(PathBuf::from(file));
+                }
+                "--ztunnel" => {
+                    let path = args.next().ok_or("--ztunnel needs a path")?;
+                    parsed.ztunnel = Some(PathBuf::from(path));
+                }
+                "-h" | "--help" => return Err(String::new()),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(why) if why.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(why) => {
+            eprintln!("meshbench: {why}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    // Two workers serve the in-process HTTP server; the run itself is driven from this thread, where
+    // its short blocking steps (namespace commands, readiness probes) cannot starve the server.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("meshbench: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = run(&args) => outcome,
+            () = interrupted() => Err(Error::Interrupted),
+        }
+    });
+    // The run's future (and with it every guard) has been dropped by now: cleanup is done.
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Interrupted) => {
+            eprintln!("meshbench: {}", Error::Interrupted);
+            ExitCode::from(130)
+        }
+        Err(error) => {
+            eprintln!("meshbench: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM; never, if the handlers cannot be installed (the default action, ending
+/// the process, then applies, and the proxies die with their namespaces' commands).
+async fn interrupted() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let sigterm = async {
+        match terminate.as_mut() {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => {
+            if result.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        () = sigterm => {}
+    }
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let machine = setup::Machine::read();
+    let tools = setup::prepare(args)?;
+    println!(
+        "meshbench: {} cores, kernel {}, load average {} ; proxy {}",
+        machine.cores,
+        machine.kernel,
+        machine.load_average,
+        tools.ztunnel.display()
+    );
+    let mut topology = topology::Topology::start(&tools).await?;
+    println!("meshbench: topology up (client 10.10.0.1 -> server 10.10.0.2, both proxies ready)");
+    let results = load::run_all(&mut topology, &tools, args).await?;
+    let report = report::Report::new(args, &machine, &tools, results);
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.json())
+            .map_err(|e| Error::Io(format!("writing {}", path.display()), e))?;
+        println!("meshbench: JSON written to {}", path.display());
+    }
+    drop(topology);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<Args, String> {
+        Args::parse(args.iter().map(|s| (*s).to_owned()))
+    }
+
+    #[test]
+    fn quick_shortens_each_load_and_json_takes_a_file() {
+        let args = parse(&["--quick", "--json", "out.json"]).unwrap();
+        assert_eq!(args.duration, Duration::from_secs(3));
+        assert!(args.quick);
+        assert_eq!(args.json, Some(PathBuf::from("out.json")));
+        assert_eq!(parse(&[]).unwrap().duration, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn missing_values_and_unknown_flags_are_refused() {
+        assert!(parse(&["--json"]).unwrap_err().contains("--json"));
+        assert!(parse(&["--fast"]).unwrap_err().contains("--fast"));
+        assert_eq!(parse(&["--help"]).unwrap_err(), "");
+    }
+}

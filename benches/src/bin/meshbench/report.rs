@@ -1,0 +1,600 @@
+//! The figures a run produced, derived into what issue 7 asks for (ratios to the baseline, CPU per 1,000
+//! requests or per GB, memory) and set beside the issue's targets; printed as Markdown tables (so they can
+//! be pasted into `docs/performance.md`) and written as JSON.
+//!
+//! Units: memory in MB of 10^6 bytes (the issue's targets are in MB and KB; `/proc` counts KiB, converted
+//! here), bulk CPU per GB of 10^9 bytes, rates in Gbit/s of 10^9 bits.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::Args;
+use crate::load::{IdleConnections, Kind, LoadResult, Output, ProxyUse, Results, Run};
+use crate::setup::{Machine, Tools};
+
+/// KiB (as `/proc` counts) to MB of 10^6 bytes.
+fn mb(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
+}
+
+/// One of the issue's targets, with our figure.
+#[derive(Debug, Clone)]
+pub(crate) struct Target {
+    /// What is measured.
+    pub(crate) what: &'static str,
+    /// The bound, e.g. `>= 50 %`.
+    pub(crate) bound: &'static str,
+    /// Istio's ztunnel in the same topology, as the issue gives it.
+    pub(crate) reference: &'static str,
+    /// Our figure, formatted.
+    pub(crate) ours: String,
+    /// Our figure as a number, in the bound's unit.
+    pub(crate) value: f64,
+    /// Whether the bound holds.
+    pub(crate) met: bool,
+}
+
+/// A finished run, ready to print.
+#[derive(Debug)]
+pub(crate) struct Report {
+    date: String,
+    command: String,
+    machine: Machine,
+    tools: Tools,
+    seconds: u64,
+    results: Results,
+}
+
+/// What one load's mesh run cost compared with its direct run.
+#[derive(Debug, Clone, Copy)]
+struct Derived {
+    /// Mesh figure over direct figure.
+    ratio: f64,
+    /// CPU seconds of both proxies in the mesh run.
+    cpu_seconds: f64,
+    /// For wrk: ms of both proxies' CPU per 1,000 requests; for iperf3: s per GB.
+    cpu_per_unit: f64,
+    /// For wrk: mesh p50 minus direct p50, µs.
+    added_p50_us: Option<f64>,
+}
+
+fn derive(result: &LoadResult) -> Derived {
+    let cpu_seconds = result.mesh.client.cpu_seconds + result.mesh.server.cpu_seconds;
+    match (&result.direct.output, &result.mesh.output) {
+        (Output::Wrk(direct), Output::Wrk(mesh)) => Derived {
+            ratio: mesh.requests_per_second / direct.requests_per_second,
+            cpu_seconds,
+            cpu_per_unit: cpu_seconds * 1e3 / (mesh.requests.max(1) as f64 / 1e3),
+            added_p50_us: Some(mesh.p50_us - direct.p50_us),
+        },
+        (Output::Iperf(direct), Output::Iperf(mesh)) => Derived {
+            ratio: mesh.bits_per_second / direct.bits_per_second,
+            cpu_seconds,
+            cpu_per_unit: cpu_seconds / (mesh.bytes.max(1) as f64 / 1e9),
+            added_p50_us: None,
+        },
+        // Both runs of a load use the same generator.
+        _ => Derived {
+            ratio: f64::NAN,
+            cpu_seconds,
+            cpu_per_unit: f64::NAN,
+            added_p50_us: None,
+        },
+    }
+}
+
+impl Report {
+    /// Gathers what the report prints.
+    pub(crate) fn new(args: &Args, machine: &Machine, tools: &Tools, results: Results) -> Report {
+        let mut command = String::from("cargo run -p meshkit-benches --release --bin meshbench --");
+        if args.quick {
+            command.push_str(" --quick");
+        }
+        if let Some(json) = &args.json {
+            let _ = write!(command, " --json {}", json.display());
+        }
+        if let Some(ztunnel) = &args.ztunnel {
+            let _ = write!(command, " --ztunnel {}", ztunnel.display());
+        }
+        let date = std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .ok()
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            .filter(|date| !date.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        Report {
+            date,
+            command,
+            machine: machine.clone(),
+            tools: tools.clone(),
+            seconds: args.duration.as_secs(),
+            results,
+        }
+    }
+
+    fn load(&self, kind: impl Fn(&Kind) -> bool) -> Option<&LoadResult> {
+        self.results.loads.iter().find(|result| kind(&result.load.kind))
+    }
+
+    /// Each idle tunnelled connection's cost to each proxy, KB of 10^3 bytes (client, server).
+    fn per_idle_connection_kb(idle: &IdleConnections) -> [f64; 2] {
+        let per = |i: usize| {
+            let grown = idle.open_kib[i] as f64 - idle.before_kib[i] as f64;
+            grown * 1024.0 / 1e3 / idle.count.max(1) as f64
+        };
+        [per(0), per(1)]
+    }
+
+    /// The issue's targets beside our figures.
+    pub(crate) fn targets(&self) -> Vec<Target> {
+        let mut targets = Vec::new();
+        let mut add = |what, bound, reference, ours: String, value: f64, met: bool| {
+            targets.push(Target {
+                what,
+                bound,
+                reference,
+                ours,
+                value,
+                met,
+            });
+        };
+        let pct = |ratio: f64| format!("{:.0} %", ratio * 100.0);
+        if let Some(result) = self.load(|kind| *kind == Kind::Iperf) {
+            let derived = derive(result);
+            add(
+                "iperf3 1 stream, share of direct",
+                ">= 50 %",
+                "38 %",
+                pct(derived.ratio),
+                derived.ratio,
+                derived.ratio >= 0.50,
+            );
+            add(
+                "bulk CPU of both proxies per GB",
+                "<= 0.8 s",
+                "1.13 s",
+                format!("{:.2} s", derived.cpu_per_unit),
+                derived.cpu_per_unit,
+                derived.cpu_per_unit <= 0.8,
+            );
+            let peak = mb(result.mesh.client.peak_kib.max(result.mesh.server.peak_kib));
+            add(
+                "peak RSS during bulk (larger proxy)",
+                "<= 25 MB",
+                "37 MB",
+                format!("{peak:.1} MB"),
+                peak,
+                peak <= 25.0,
+            );
+        }
+        let wrk = |connections: u32, close: bool| move |kind: &Kind| matches!(kind, Kind::Wrk { connections: c, close: k, .. } if *c == connections && *k == close);
+        if let Some(result) = self.load(wrk(64, false)) {
+            let derived = derive(result);
+            add(
+                "wrk 64 keep-alive, share of direct req/s",
+                ">= 45 %",
+                "33 %",
+                pct(derived.ratio),
+                derived.ratio,
+                derived.ratio >= 0.45,
+            );
+            add(
+                "wrk 64: CPU of both proxies per 1,000 requests",
+                "<= 20 ms",
+                "29 ms",
+                format!("{:.1} ms", derived.cpu_per_unit),
+                derived.cpu_per_unit,
+                derived.cpu_per_unit <= 20.0,
+            );
+        }
+        if let Some(result) = self.load(wrk(1, false)) {
+            let derived = derive(result);
+            add(
+                "wrk 1 connection, share of direct req/s",
+                ">= 70 %",
+                "55 %",
+                pct(derived.ratio),
+                derived.ratio,
+                derived.ratio >= 0.70,
+            );
+            let added = derived.added_p50_us.unwrap_or(f64::NAN);
+            add(
+                "wrk 1 connection: added p50 (both proxies)",
+                "<= 35 µs",
+                "46 µs",
+                format!("{added:.0} µs"),
+                added,
+                added <= 35.0,
+            );
+        }
+        if let Some(result) = self.load(wrk(16, true)) {
+            let derived = derive(result);
+            add(
+                "Connection: close, 16 clients, share of direct",
+                ">= 45 %",
+                "33 %",
+                pct(derived.ratio),
+                derived.ratio,
+                derived.ratio >= 0.45,
+            );
+        }
+        let idle = mb(self.results.idle_kib[0].max(self.results.idle_kib[1]));
+        add(
+            "idle RSS (larger proxy)",
+            "<= 8 MB",
+            "12 MB",
+            format!("{idle:.1} MB"),
+            idle,
+            idle <= 8.0,
+        );
+        let per = Self::per_idle_connection_kb(&self.results.idle_connections);
+        let worst = per[0].max(per[1]);
+        add(
+            "RSS per idle tunnelled connection (larger proxy)",
+            "<= 10 KB",
+            "13 KB",
+            format!("{worst:.1} KB"),
+            worst,
+            worst <= 10.0,
+        );
+        targets
+    }
+
+    /// The report as Markdown tables.
+    pub(crate) fn table(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(out, "\n## meshbench, {}", self.date);
+        let _ = writeln!(out, "- Command: `{}`", self.command);
+        let _ = writeln!(
+            out,
+            "- Machine: {} cores ({}), kernel `{}`; load average {} at the start, {} at the end",
+            m.cores, m.cpu, m.kernel, m.load_average, self.results.load_average_after
+        );
+        let _ = writeln!(
+            out,
+            "- {} s per load; {}; {}; CPU from /proc in ticks of 1/{} s ({})",
+            self.seconds,
+            self.tools.wrk_version,
+            self.tools.iperf3_version,
+            self.tools.clk_tck,
+            self.tools.clk_tck_source
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| load | direct | mesh | mesh / direct | p50 direct / mesh | p99 direct / mesh | CPU of both proxies | client proxy RSS load / peak | server proxy RSS load / peak |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        for result in &self.results.loads {
+            let derived = derive(result);
+            let figure = |run: &Run| match &run.output {
+                Output::Wrk(wrk) => {
+                    let errors = wrk.socket_errors + wrk.non_2xx;
+                    let errors = if errors > 0 {
+                        format!(" ({errors} errors)")
+                    } else {
+                        String::new()
+                    };
+                    format!("{:.0} req/s{errors}", wrk.requests_per_second)
+                }
+                Output::Iperf(iperf) => format!("{:.2} Gbit/s", iperf.bits_per_second / 1e9),
+            };
+            let latency =
+                |pick: fn(&crate::load::WrkOutput) -> f64| match (&result.direct.output, &result.mesh.output)
+                {
+                    (Output::Wrk(direct), Output::Wrk(mesh)) => {
+                        format!("{:.0} / {:.0} µs", pick(direct), pick(mesh))
+                    }
+                    _ => "-".into(),
+                };
+            let cpu = match result.load.kind {
+                Kind::Iperf => format!("{:.2} s/GB ({:.2} s)", derived.cpu_per_unit, derived.cpu_seconds),
+                Kind::Wrk { .. } => format!(
+                    "{:.1} ms/1k req ({:.2} s)",
+                    derived.cpu_per_unit, derived.cpu_seconds
+                ),
+            };
+            let rss = |proxy: &ProxyUse| {
+                format!(
+                    "{:.1} / {:.1} MB",
+                    mb(proxy.rss_under_load_kib),
+                    mb(proxy.peak_kib)
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | **{:.0} %** | {} | {} | {} | {} | {} |",
+                result.load.name,
+                figure(&result.direct),
+                figure(&result.mesh),
+                derived.ratio * 100.0,
+                latency(|w| w.p50_us),
+                latency(|w| w.p99_us),
+                cpu,
+                rss(&result.mesh.client),
+                rss(&result.mesh.server),
+            );
+        }
+        let idle = &self.results.idle_connections;
+        let per = Self::per_idle_connection_kb(idle);
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Memory: idle RSS client proxy {:.1} MB, server proxy {:.1} MB; with {} idle tunnelled connections \
+             {:.1} / {:.1} MB, so {:.1} KB / {:.1} KB per connection.",
+            mb(self.results.idle_kib[0]),
+            mb(self.results.idle_kib[1]),
+            idle.count,
+            mb(idle.open_kib[0]),
+            mb(idle.open_kib[1]),
+            per[0],
+            per[1]
+        );
+        let _ = writeln!(
+            out,
+            "HBONE connections opened to the server proxy over the whole run: {} (every tunnel above is a \
+             stream on a pooled connection unless this grows with the loads).",
+            self.results.hbone_connections_total
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(out, "| target (issue 7) | bound | Istio's ztunnel | ours | |");
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for target in self.targets() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | **{}** | {} |",
+                target.what,
+                target.bound,
+                target.reference,
+                target.ours,
+                if target.met { "met" } else { "missed" }
+            );
+        }
+        out
+    }
+
+    /// The report as JSON.
+    pub(crate) fn json(&self) -> String {
+        let proxy = |p: &ProxyUse| {
+            json!({
+                "cpu_seconds": p.cpu_seconds,
+                "rss_under_load_kib": p.rss_under_load_kib,
+                "peak_kib": p.peak_kib,
+            })
+        };
+        let run = |r: &Run| {
+            let output = match &r.output {
+                Output::Wrk(w) => json!({
+                    "requests": w.requests,
+                    "requests_per_second": w.requests_per_second,
+                    "p50_us": w.p50_us,
+                    "p99_us": w.p99_us,
+                    "socket_errors": w.socket_errors,
+                    "non_2xx": w.non_2xx,
+                }),
+                Output::Iperf(i) => json!({
+                    "bytes": i.bytes,
+                    "bits_per_second": i.bits_per_second,
+                    "retransmits": i.retransmits,
+                }),
+            };
+            json!({
+                "output": output,
+                "client_proxy": proxy(&r.client),
+                "server_proxy": proxy(&r.server),
+                "mesh_connections": r.mesh_connections,
+                "hbone_connections": r.hbone_connections,
+            })
+        };
+        let loads: Vec<Value> = self
+            .results
+            .loads
+            .iter()
+            .map(|result| {
+                let derived = derive(result);
+                let (per_gb, per_1000) = match result.load.kind {
+                    Kind::Iperf => (Some(derived.cpu_per_unit), None),
+                    Kind::Wrk { .. } => (None, Some(derived.cpu_per_unit)),
+                };
+                json!({
+                    "name": result.load.name,
+                    "direct": run(&result.direct),
+                    "mesh": run(&result.mesh),
+                    "ratio": derived.ratio,
+                    "proxies_cpu_seconds": derived.cpu_seconds,
+                    "cpu_seconds_per_gb": per_gb,
+                    "cpu_ms_per_1000_requests": per_1000,
+                    "added_p50_us": derived.added_p50_us,
+                })
+            })
+            .collect();
+        let idle = &self.results.idle_connections;
+        let per = Self::per_idle_connection_kb(idle);
+        let targets: Vec<Value> = self
+            .targets()
+            .iter()
+            .map(|t| {
+                json!({
+                    "what": t.what,
+                    "bound": t.bound,
+                    "reference": t.reference,
+                    "ours": t.ours,
+                    "value": t.value,
+                    "met": t.met,
+                })
+            })
+            .collect();
+        let report = json!({
+            "date": self.date,
+            "command": self.command,
+            "machine": {
+                "cores": self.machine.cores,
+                "cpu": self.machine.cpu,
+                "kernel": self.machine.kernel,
+                "load_average_start": self.machine.load_average,
+                "load_average_end": self.results.load_average_after,
+            },
+            "hbone_connections_total": self.results.hbone_connections_total,
+            "tools": {
+                "ztunnel": self.tools.ztunnel.display().to_string(),
+                "wrk": self.tools.wrk_version,
+                "iperf3": self.tools.iperf3_version,
+                "clk_tck": self.tools.clk_tck,
+                "clk_tck_source": self.tools.clk_tck_source,
+            },
+            "seconds_per_load": self.seconds,
+            "idle_rss_kib": { "client_proxy": self.results.idle_kib[0], "server_proxy": self.results.idle_kib[1] },
+            "idle_connections": {
+                "count": idle.count,
+                "before_kib": { "client_proxy": idle.before_kib[0], "server_proxy": idle.before_kib[1] },
+                "open_kib": { "client_proxy": idle.open_kib[0], "server_proxy": idle.open_kib[1] },
+                "kb_per_connection": { "client_proxy": per[0], "server_proxy": per[1] },
+            },
+            "loads": loads,
+            "targets": targets,
+        });
+        serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::{IperfOutput, LOADS, WrkOutput};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn proxy(cpu_seconds: f64) -> ProxyUse {
+        ProxyUse {
+            cpu_seconds,
+            rss_under_load_kib: 10_000,
+            peak_kib: 20_000,
+        }
+    }
+
+    fn wrk(rps: f64, requests: u64, p50_us: f64) -> Output {
+        Output::Wrk(WrkOutput {
+            requests,
+            requests_per_second: rps,
+            p50_us,
+            p99_us: p50_us * 3.0,
+            socket_errors: 0,
+            non_2xx: 0,
+        })
+    }
+
+    fn run(output: Output, cpu: f64) -> Run {
+        Run {
+            output,
+            client: proxy(cpu),
+            server: proxy(cpu),
+            mesh_connections: 1.0,
+            hbone_connections: 0,
+        }
+    }
+
+    fn report() -> Report {
+        let iperf = |bps: f64| {
+            Output::Iperf(IperfOutput {
+                bytes: 2_000_000_000,
+                bits_per_second: bps,
+                retransmits: Some(0),
+            })
+        };
+        let loads = vec![
+            LoadResult {
+                load: LOADS[0],
+                direct: run(iperf(10e9), 0.0),
+                mesh: run(iperf(6e9), 0.5),
+            },
+            LoadResult {
+                load: LOADS[1],
+                direct: run(wrk(20_000.0, 60_000, 40.0), 0.0),
+                mesh: run(wrk(12_000.0, 36_000, 70.0), 0.3),
+            },
+            LoadResult {
+                load: LOADS[2],
+                direct: run(wrk(50_000.0, 150_000, 900.0), 0.0),
+                mesh: run(wrk(20_000.0, 60_000, 2000.0), 0.9),
+            },
+        ];
+        let args = Args {
+            duration: Duration::from_secs(3),
+            quick: true,
+            json: Some(PathBuf::from("out.json")),
+            ztunnel: None,
+        };
+        let machine = Machine {
+            cores: 2,
+            kernel: "6.1".into(),
+            cpu: "test".into(),
+            load_average: "0.1 0.2 0.3".into(),
+        };
+        let tools = Tools {
+            ztunnel: PathBuf::from("/bin/ztunnel"),
+            clk_tck: 100,
+            clk_tck_source: "getconf CLK_TCK",
+            wrk_version: "wrk 4.1.0".into(),
+            iperf3_version: "iperf 3.12".into(),
+        };
+        let results = Results {
+            idle_kib: [5_000, 6_000],
+            idle_connections: IdleConnections {
+                count: 500,
+                before_kib: [5_000, 6_000],
+                open_kib: [9_000, 11_000],
+            },
+            loads,
+            load_average_after: "1 1 1".into(),
+            hbone_connections_total: 1,
+        };
+        Report::new(&args, &machine, &tools, results)
+    }
+
+    #[test]
+    fn targets_are_judged_from_the_derived_figures() {
+        let targets = report().targets();
+        let find = |what: &str| targets.iter().find(|t| t.what.starts_with(what)).unwrap().clone();
+        // 6 of 10 Gbit/s; 1 CPU-second over 2 GB.
+        let bulk = find("iperf3");
+        assert!((bulk.value - 0.6).abs() < 1e-9 && bulk.met);
+        let cpu = find("bulk CPU");
+        assert!((cpu.value - 0.5).abs() < 1e-9 && cpu.met);
+        // 1.8 CPU-seconds over 60,000 requests: 30 ms per 1,000, over the 20 ms bound.
+        let per_request = find("wrk 64: CPU");
+        assert!((per_request.value - 30.0).abs() < 1e-9 && !per_request.met);
+        let added = find("wrk 1 connection: added");
+        assert!((added.value - 30.0).abs() < 1e-9 && added.met);
+        // 4,000 KiB over 500 connections = 8.2 KB; 5,000 KiB = 10.24 KB, over the bound.
+        let per_connection = find("RSS per idle");
+        assert!((per_connection.value - 10.24).abs() < 1e-9 && !per_connection.met);
+        // The Connection: close load did not run, so it has no row.
+        assert!(!targets.iter().any(|t| t.what.starts_with("Connection: close")));
+    }
+
+    #[test]
+    fn the_table_and_the_json_carry_every_load_and_the_machine() {
+        let report = report();
+        let table = report.table();
+        assert!(
+            table.contains("| iperf3, 1 stream | 10.00 Gbit/s | 6.00 Gbit/s | **60 %**"),
+            "{table}"
+        );
+        assert!(table.contains("--quick --json out.json"), "{table}");
+        let json: Value = serde_json::from_str(&report.json()).unwrap();
+        assert_eq!(json["machine"]["cores"], 2);
+        assert_eq!(json["loads"].as_array().unwrap().len(), 3);
+        assert_eq!(json["loads"][2]["cpu_ms_per_1000_requests"], 30.0);
+        assert_eq!(json["idle_connections"]["count"], 500);
+        assert!(
+            json["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["met"] == false)
+        );
+    }
+}
