@@ -4,23 +4,23 @@
 //! (as root). One command measures what issue 7 asks of the data plane, as ratios against a baseline
 //! measured in the same run:
 //!
-//! 1. **Setup** ([`setup`]): checks root, `ip` and `iptables`; installs `wrk` and `iperf3` with
+//! 1. **Setup** (`setup`): checks root, `ip` and `iptables`; installs `wrk` and `iperf3` with
 //!    `apt-get install` when they are missing (and says so); builds our proxy with
 //!    `cargo build --release -p ztunnel` as a subprocess (a no-op when it is up to date, so a stale binary is
 //!    never measured) unless `--ztunnel PATH` names one.
-//! 2. **Topology** ([`topology`]): namespaces "client" (10.10.0.1) and "server" (10.10.0.2) joined by a veth;
+//! 2. **Topology** (`topology`): namespaces "client" (10.10.0.1) and "server" (10.10.0.2) joined by a veth;
 //!    our ztunnel in each (dedicated mode: one workload per proxy); the local control plane
 //!    (`mesh_xds::server::Server`, static tokens) on a thread joined to the server namespace; an HTTP/1.1
-//!    keep-alive server ([`http`], `GET /` answers 200 with 1 KiB) and `iperf3 -s` in the server
+//!    keep-alive server (`http`, `GET /` answers 200 with 1 KiB) and `iperf3 -s` in the server
 //!    namespace. In the client namespace iptables REDIRECTs the application's traffic to 15001; the
 //!    baseline runs with that one rule removed, so the same client reaches the same server directly over the
 //!    veth. Each measurement checks the server proxy's connection counter to prove which path it took.
-//! 3. **Loads** ([`load`]), each bounded in time (10 s, 3 s with `--quick`) and run direct, then through the
+//! 3. **Loads** (`load`), each bounded in time (10 s, 3 s with `--quick`) and run direct, then through the
 //!    mesh: `wrk --latency` keep-alive with 1 and 64 connections, `wrk` with `Connection: close` and 16
 //!    connections, and `iperf3 -J` with one stream. Before them: the proxies' idle memory, and the memory
 //!    each idle tunnelled connection costs (500 connections held open through the mesh).
-//! 4. **Report** ([`report`]): requests/s or Gbit/s, p50/p99, the ratio to the baseline, CPU of both
-//!    proxies per 1,000 requests or per GB (from `/proc/<pid>/stat`, see [`procfs`]), each proxy's RSS idle,
+//! 4. **Report** (`report`): requests/s or Gbit/s, p50/p99, the ratio to the baseline, CPU of both
+//!    proxies per 1,000 requests or per GB (from `/proc/<pid>/stat`, see `procfs`), each proxy's RSS idle,
 //!    under load and at peak, the issue's targets beside our figures, and the machine; as a table, and as
 //!    JSON with `--json FILE`.
 //! 5. **Cleanup**: every namespace, process, rule and file belongs to a guard that removes it when dropped,
