@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# command -> Debian package. iproute2 and iptables serve the network-namespace tests.
-declare -A needed=([ip]=iproute2 [iptables]=iptables [cc]=gcc)
+# command -> Debian package. util-linux (unshare: each test's sandbox), iproute2 and iptables serve the
+# network-namespace tests.
+declare -A needed=([unshare]=util-linux [ip]=iproute2 [iptables]=iptables [cc]=gcc)
 missing=()
 for cmd in "${!needed[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${needed[$cmd]}")

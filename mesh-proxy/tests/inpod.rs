@@ -4,8 +4,9 @@
 //! network namespaces as `SCM_RIGHTS`.
 //!
 //! The protocol tests need no privileges (they send this process's own namespace, or pipes where a
-//! namespace is refused). The tests with per-pod listeners create network namespaces and need root: they
-//! fail loudly without it, as mesh-test's netns tests do.
+//! namespace is refused). The tests with per-pod listeners create network namespaces, each in a sandbox
+//! of its own (`mesh_test::netns::isolated`), so they need no root either; where no sandbox can be made
+//! they fail loudly and say why, as mesh-test's netns tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // test code: a failed unwrap is a failed test
 
 use std::collections::HashSet;
@@ -24,7 +25,7 @@ use mesh_proxy::inpod::{
     PodStart, WorkloadInfo, ZdsClient, ZdsConfig, ZdsStatus,
 };
 use mesh_test::cni::{self, FakeCni};
-use mesh_test::netns::Netns;
+use mesh_test::netns::{Netns, isolated};
 use mesh_xds::proto::istio::workload::zds as generated;
 use prost::Message;
 use test_case::test_case;
@@ -530,68 +531,70 @@ fn wait_until_refused(pod: &Netns, port: u16) {
 
 #[test]
 fn pods_are_served_inside_their_own_namespaces_until_deleted() {
-    mesh_test::netns::require_root().expect("this test needs root");
-    inpod::verify_capabilities(Some(mesh_core::sys::PROXY_MARK)).unwrap();
-    let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
-    let dir = TempDir::new();
-    let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path).unwrap();
-    let served = Arc::new(Served::default());
-    let _client = Client::start(&path, listener_manager(served.clone()));
+    isolated(|| {
+        inpod::verify_capabilities(Some(mesh_core::sys::PROXY_MARK)).unwrap();
+        let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
+        let dir = TempDir::new();
+        let path = dir.0.join("ztunnel.sock");
+        let cni = FakeCni::bind(&path).unwrap();
+        let served = Arc::new(Served::default());
+        let _client = Client::start(&path, listener_manager(served.clone()));
 
-    let conn = cni.accept().unwrap();
-    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
-    assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
-    assert_eq!(conn.snapshot_sent().unwrap(), "");
-    // The ack means the listeners are bound: each pod reaches its own on its loopback.
-    for port in [15001, 15006, 15008] {
-        assert_eq!(greeting(&a, port).unwrap(), format!("uid-a {port}"));
-        assert_eq!(greeting(&b, port).unwrap(), format!("uid-b {port}"));
-    }
-    let mut starts = served.starts.lock().unwrap().clone();
-    starts.sort();
-    assert_eq!(starts, ["uid-a shop/uid-a-pod", "uid-b shop/uid-b-pod"]);
-    let options = served.options.lock().unwrap().clone();
-    assert_eq!(options.len(), 6);
-    assert!(
-        options.iter().all(|&(_, mark, reuse)| mark == 1337 && reuse),
-        "{options:?}"
-    );
+        let conn = cni.accept().unwrap();
+        assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+        assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
+        assert_eq!(conn.snapshot_sent().unwrap(), "");
+        // The ack means the listeners are bound: each pod reaches its own on its loopback.
+        for port in [15001, 15006, 15008] {
+            assert_eq!(greeting(&a, port).unwrap(), format!("uid-a {port}"));
+            assert_eq!(greeting(&b, port).unwrap(), format!("uid-b {port}"));
+        }
+        let mut starts = served.starts.lock().unwrap().clone();
+        starts.sort();
+        assert_eq!(starts, ["uid-a shop/uid-a-pod", "uid-b shop/uid-b-pod"]);
+        let options = served.options.lock().unwrap().clone();
+        assert_eq!(options.len(), 6);
+        assert!(
+            options.iter().all(|&(_, mark, reuse)| mark == 1337 && reuse),
+            "{options:?}"
+        );
 
-    assert_eq!(conn.del("uid-a").unwrap(), "");
-    for port in [15001, 15006, 15008] {
-        wait_until_refused(&a, port);
-    }
-    assert_eq!(greeting(&b, 15008).unwrap(), "uid-b 15008");
+        assert_eq!(conn.del("uid-a").unwrap(), "");
+        for port in [15001, 15006, 15008] {
+            wait_until_refused(&a, port);
+        }
+        assert_eq!(greeting(&b, 15008).unwrap(), "uid-b 15008");
+    });
 }
 
 #[test]
 fn a_restarted_cni_keeps_resent_pods_and_removes_the_others() {
-    mesh_test::netns::require_root().expect("this test needs root");
-    let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
-    let dir = TempDir::new();
-    let path = dir.0.join("ztunnel.sock");
-    let cni = FakeCni::bind(&path).unwrap();
-    let served = Arc::new(Served::default());
-    let mut client = Client::start(&path, listener_manager(served.clone()));
+    isolated(|| {
+        let (a, b) = (Netns::create("poda").unwrap(), Netns::create("podb").unwrap());
+        let dir = TempDir::new();
+        let path = dir.0.join("ztunnel.sock");
+        let cni = FakeCni::bind(&path).unwrap();
+        let served = Arc::new(Served::default());
+        let mut client = Client::start(&path, listener_manager(served.clone()));
 
-    let conn = cni.accept().unwrap();
-    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
-    assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
-    assert_eq!(conn.snapshot_sent().unwrap(), "");
-    drop(conn);
-    drop(cni);
-    client.wait_for(|s| !s.connected);
-    // Pods stay served while istio-cni is away.
-    assert_eq!(greeting(&b, 15008).unwrap(), "uid-b 15008");
+        let conn = cni.accept().unwrap();
+        assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+        assert_eq!(conn.add("uid-b", &info("uid-b"), &b.file().unwrap()).unwrap(), "");
+        assert_eq!(conn.snapshot_sent().unwrap(), "");
+        drop(conn);
+        drop(cni);
+        client.wait_for(|s| !s.connected);
+        // Pods stay served while istio-cni is away.
+        assert_eq!(greeting(&b, 15008).unwrap(), "uid-b 15008");
 
-    let cni = FakeCni::bind(&path).unwrap();
-    let conn = cni.accept().unwrap();
-    assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
-    assert_eq!(conn.snapshot_sent().unwrap(), "");
-    wait_until_refused(&b, 15008);
-    assert_eq!(greeting(&a, 15008).unwrap(), "uid-a 15008");
-    // "uid-a" kept its listeners: it was started once.
-    assert_eq!(served.starts.lock().unwrap().len(), 2);
-    assert_eq!(client.status().pods, 1);
+        let cni = FakeCni::bind(&path).unwrap();
+        let conn = cni.accept().unwrap();
+        assert_eq!(conn.add("uid-a", &info("uid-a"), &a.file().unwrap()).unwrap(), "");
+        assert_eq!(conn.snapshot_sent().unwrap(), "");
+        wait_until_refused(&b, 15008);
+        assert_eq!(greeting(&a, 15008).unwrap(), "uid-a 15008");
+        // "uid-a" kept its listeners: it was started once.
+        assert_eq!(served.starts.lock().unwrap().len(), 2);
+        assert_eq!(client.status().pods, 1);
+    });
 }

@@ -5,8 +5,10 @@
 //! ## Layout
 //! - [`TestPki`]: a development CA for one trust domain that issues Istio identities in one call.
 //! - [`tls_pair`]: a mutual-TLS client and server connected over real loopback TCP.
-//! - [`netns`]: network namespaces joined by veth pairs, for end-to-end tests (root only; a test that
-//!   cannot create them fails and says why).
+//! - [`netns`]: network namespaces joined by veth pairs, for end-to-end tests, inside a [`sandbox`].
+//! - [`sandbox`]: runs a test in new user, network, mount and PID namespaces of its own
+//!   ([`netns::isolated`]), so it needs no root and cannot touch the host's network (a test that cannot
+//!   have one fails and says what to install or enable).
 //! - [`cni`]: a fake istio-cni, [`cni::FakeCni`], that hands a node proxy in in-pod mode its pods and
 //!   their network namespaces over ZDS, and reads its acks with a timeout.
 //!
@@ -20,6 +22,7 @@
 
 pub mod cni;
 pub mod netns;
+pub mod sandbox;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,8 +1,14 @@
 //! Network namespaces for end-to-end tests: created with `ip netns`, joined by veth pairs, removed on drop.
 //!
-//! Tests that use this need root (CI runs as root) and `iproute2` (`test.sh` installs it). When either is
-//! missing, [`Netns::create`] fails with a message saying what is missing: the test fails loudly, it never
-//! passes by skipping.
+//! A test that uses them wraps its body in [`isolated`]: the body then runs in a [sandbox](crate::sandbox)
+//! of its own (new user, network, mount and PID namespaces, made by `unshare`), where it is root over
+//! everything it creates without being root on the host, cannot see or touch the host's interfaces, and
+//! leaves nothing behind. It needs util-linux, iproute2 and, to capture traffic, iptables (`test.sh`
+//! installs them). Where the sandbox cannot be made, the test fails with a message saying what to install
+//! or enable: it never passes by skipping.
+//!
+//! Outside a sandbox (the `meshbench` load tool), the same types work on the host's own namespaces as real
+//! root: [`Netns::create`] refuses otherwise ([`require_root`]).
 //!
 //! Code runs inside a namespace two ways: [`Netns::run`] runs a closure on a fresh thread that has joined
 //! the namespace (sockets created there stay in it, wherever they are used later, so a test binds its
@@ -13,6 +19,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use crate::sandbox::isolated;
 
 /// A network namespace this test created; deleted (with its interfaces) when dropped.
 #[derive(Debug)]
@@ -35,7 +43,8 @@ impl std::error::Error for NetnsError {}
 /// Names are unique per process and call, short enough for interface names derived from them.
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-/// Checks that this process can create namespaces (root, and `ip` on the PATH), saying what is missing.
+/// Checks that this process can create namespaces (uid 0, which the [sandbox](crate::sandbox) is, and `ip`
+/// on the PATH), saying what is missing.
 pub fn require_root() -> Result<(), NetnsError> {
     let uid = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -48,7 +57,8 @@ pub fn require_root() -> Result<(), NetnsError> {
         .unwrap_or_default();
     if uid != "0" {
         return Err(NetnsError(format!(
-            "network-namespace tests need root (running as uid {uid:?}); run them with sudo or as root, as CI does"
+            "creating network namespaces needs root (running as uid {uid:?}): a test wraps its body in \
+             mesh_test::netns::isolated(..), which gives it a sandbox where it is root; a tool runs as root"
         )));
     }
     match Command::new("ip").arg("-V").output() {
@@ -208,23 +218,25 @@ mod tests {
 
     #[test]
     fn two_namespaces_joined_by_a_veth_pair_carry_tcp() {
-        let a = Netns::create("a").expect("network namespaces are required for this test");
-        let b = Netns::create("b").unwrap();
-        connect(&a, "10.200.0.1/24", &b, "10.200.0.2/24").unwrap();
+        isolated(|| {
+            let a = Netns::create("a").expect("network namespaces are required for this test");
+            let b = Netns::create("b").unwrap();
+            connect(&a, "10.200.0.1/24", &b, "10.200.0.2/24").unwrap();
 
-        let listener = b.run(|| TcpListener::bind("10.200.0.2:7000")).unwrap().unwrap();
-        let server = std::thread::spawn(move || {
-            let (mut stream, peer) = listener.accept().unwrap();
-            let mut buf = [0u8; 5];
-            stream.read_exact(&mut buf).unwrap();
-            stream.write_all(&buf).unwrap();
-            peer
+            let listener = b.run(|| TcpListener::bind("10.200.0.2:7000")).unwrap().unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut stream, peer) = listener.accept().unwrap();
+                let mut buf = [0u8; 5];
+                stream.read_exact(&mut buf).unwrap();
+                stream.write_all(&buf).unwrap();
+                peer
+            });
+            let mut client = a.run(|| TcpStream::connect("10.200.0.2:7000")).unwrap().unwrap();
+            client.write_all(b"hello").unwrap();
+            let mut echoed = [0u8; 5];
+            client.read_exact(&mut echoed).unwrap();
+            assert_eq!(&echoed, b"hello");
+            assert_eq!(server.join().unwrap().ip().to_string(), "10.200.0.1");
         });
-        let mut client = a.run(|| TcpStream::connect("10.200.0.2:7000")).unwrap().unwrap();
-        client.write_all(b"hello").unwrap();
-        let mut echoed = [0u8; 5];
-        client.read_exact(&mut echoed).unwrap();
-        assert_eq!(&echoed, b"hello");
-        assert_eq!(server.join().unwrap().ip().to_string(), "10.200.0.1");
     }
 }

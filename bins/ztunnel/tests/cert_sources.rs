@@ -2,7 +2,8 @@
 //! and PEM files (`CERT_DIR`). Each runs the binary in a network namespace of its own (the ports are
 //! fixed), with inline static configuration, and reads `config_dump` to see which certificate it serves.
 //!
-//! Needs root and iproute2 (CI has both); without them the test fails and says why.
+//! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`), so it needs no root; it needs
+//! util-linux and iproute2 (CI has both), and fails saying why when it cannot have them.
 
 #![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
 
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mesh_core::ca::LeafSpec;
 use mesh_core::{DevCa, TrustDomain};
-use mesh_test::netns::Netns;
+use mesh_test::netns::{Netns, isolated};
 
 const LOCAL_XDS: &str = r#"
 workloads:
@@ -122,54 +123,58 @@ fn ca() -> DevCa {
 
 #[test]
 fn a_development_root_on_disk_signs_the_workload_certificate() {
-    let node = Netns::create("devca").expect("network namespaces are required for this test");
-    let dir = Dir::new("devca");
-    let ca = ca();
-    std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
-    std::fs::write(dir.0.join("ca-key.pem"), ca.root_key_pem()).unwrap();
-    let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("DEV_CA_DIR", &dir.0)]);
-    let dump = config_dump(&node, &proxy);
-    assert!(
-        dump.contains("spiffe://cluster.local/ns/default/sa/app"),
-        "{dump}"
-    );
-    assert!(!dump.contains("PRIVATE KEY"), "{dump}");
+    isolated(|| {
+        let node = Netns::create("devca").expect("network namespaces are required for this test");
+        let dir = Dir::new("devca");
+        let ca = ca();
+        std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+        std::fs::write(dir.0.join("ca-key.pem"), ca.root_key_pem()).unwrap();
+        let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("DEV_CA_DIR", &dir.0)]);
+        let dump = config_dump(&node, &proxy);
+        assert!(
+            dump.contains("spiffe://cluster.local/ns/default/sa/app"),
+            "{dump}"
+        );
+        assert!(!dump.contains("PRIVATE KEY"), "{dump}");
+    });
 }
 
 #[test]
 fn certificates_from_pem_files_are_served() {
-    let node = Netns::create("certdir").expect("network namespaces are required for this test");
-    let dir = Dir::new("certdir");
-    let ca = ca();
-    let now = std::time::SystemTime::now();
-    let (chain, key) = ca
-        .issue_raw(&LeafSpec {
-            uri_sans: vec!["spiffe://cluster.local/ns/default/sa/app".to_owned()],
-            not_before: now - Duration::from_secs(60),
-            not_after: now + Duration::from_secs(3600),
-        })
-        .unwrap();
-    let pem = |der: &[u8], label: &str| {
-        use base64::Engine;
-        let body = base64::engine::general_purpose::STANDARD.encode(der);
-        let lines: Vec<&str> = body
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    };
-    let chain: String = chain.iter().map(|c| pem(c, "CERTIFICATE")).collect();
-    std::fs::write(dir.0.join("cert-chain.pem"), chain).unwrap();
-    std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
-    std::fs::write(dir.0.join("key.pem"), pem(key.secret_der(), "PRIVATE KEY")).unwrap();
-    let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("CERT_DIR", &dir.0)]);
-    let dump = config_dump(&node, &proxy);
-    assert!(
-        dump.contains("spiffe://cluster.local/ns/default/sa/app"),
-        "{dump}"
-    );
+    isolated(|| {
+        let node = Netns::create("certdir").expect("network namespaces are required for this test");
+        let dir = Dir::new("certdir");
+        let ca = ca();
+        let now = std::time::SystemTime::now();
+        let (chain, key) = ca
+            .issue_raw(&LeafSpec {
+                uri_sans: vec!["spiffe://cluster.local/ns/default/sa/app".to_owned()],
+                not_before: now - Duration::from_secs(60),
+                not_after: now + Duration::from_secs(3600),
+            })
+            .unwrap();
+        let pem = |der: &[u8], label: &str| {
+            use base64::Engine;
+            let body = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                lines.join("\n")
+            )
+        };
+        let chain: String = chain.iter().map(|c| pem(c, "CERTIFICATE")).collect();
+        std::fs::write(dir.0.join("cert-chain.pem"), chain).unwrap();
+        std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+        std::fs::write(dir.0.join("key.pem"), pem(key.secret_der(), "PRIVATE KEY")).unwrap();
+        let proxy = start(&node, &dir.0.join("ztunnel.log"), &[("CERT_DIR", &dir.0)]);
+        let dump = config_dump(&node, &proxy);
+        assert!(
+            dump.contains("spiffe://cluster.local/ns/default/sa/app"),
+            "{dump}"
+        );
+    });
 }

@@ -7,7 +7,9 @@
 //! own listeners, on one node and between two; a pod istio-cni deletes must lose its listeners; a DENY
 //! policy must refuse; the proxy must not report ready before istio-cni's snapshot is complete.
 //!
-//! Needs root, iproute2 and iptables (CI installs them); without them the tests fail and say why.
+//! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`: new user, network, mount and PID
+//! namespaces), so it needs no root; it needs util-linux, iproute2 and iptables (CI installs them), and
+//! fails saying why when it cannot have them.
 
 #![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
 
@@ -24,6 +26,7 @@ use common::{
 };
 use mesh_core::SpiffeId;
 use mesh_test::cni::{CniConnection, FakeCni};
+use mesh_test::netns::isolated;
 use mesh_xds::ca::{Caller, StaticTokens};
 
 /// The fake istio-cni waits this long for a step (a ztunnel starting on a loaded machine included).
@@ -243,100 +246,105 @@ fn assert_mutual_tls_reported(cluster: &Cluster, client: &str, server: &str) {
 
 #[test]
 fn two_pods_of_one_node_talk_through_their_own_listeners_over_hbone() {
-    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
-    cluster.enroll_all();
-    // Each pod has ztunnel's three listeners inside its own namespace; the node has none of them.
-    for name in ["client", "server"] {
-        for port in [15001, 15006, 15008] {
-            assert!(
-                listening(cluster.pod(name), port),
-                "{name} has no listener on {port}\n{}",
-                cluster.logs()
-            );
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+        cluster.enroll_all();
+        // Each pod has ztunnel's three listeners inside its own namespace; the node has none of them.
+        for name in ["client", "server"] {
+            for port in [15001, 15006, 15008] {
+                assert!(
+                    listening(cluster.pod(name), port),
+                    "{name} has no listener on {port}\n{}",
+                    cluster.logs()
+                );
+            }
         }
-    }
-    let node = &cluster.nodes[0];
-    for port in [15001, 15006, 15008] {
-        let addr = format!("{}:{port}", node.ip());
-        let connected = node
-            .netns
-            .run(move || std::net::TcpStream::connect(addr.as_str()).is_ok())
-            .unwrap();
-        assert!(!connected, "the node itself listens on {port} in in-pod mode");
-    }
+        let node = &cluster.nodes[0];
+        for port in [15001, 15006, 15008] {
+            let addr = format!("{}:{port}", node.ip());
+            let connected = node
+                .netns
+                .run(move || std::net::TcpStream::connect(addr.as_str()).is_ok())
+                .unwrap();
+            assert!(!connected, "the node itself listens on {port} in in-pod mode");
+        }
 
-    // The client application connects straight to the server pod; the capture inside the client pod
-    // hands the connection to ztunnel, and the server's side of ztunnel, inside the server pod, connects
-    // to the application from the pod's own address (a direct connection would come from the client's).
-    let reply = cluster
-        .round_trip("client", "server", "hello")
-        .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
-    assert_eq!(reply, format!("echo hello from {}", cluster.pod("server").ip));
-    assert_mutual_tls_reported(&cluster, "client", "server");
-    // And back: the server pod is a client too.
-    let reply = cluster.round_trip("server", "client", "back").unwrap();
-    assert_eq!(reply, format!("echo back from {}", cluster.pod("client").ip));
-    assert_mutual_tls_reported(&cluster, "server", "client");
-    cluster.shut_down();
+        // The client application connects straight to the server pod; the capture inside the client pod
+        // hands the connection to ztunnel, and the server's side of ztunnel, inside the server pod, connects
+        // to the application from the pod's own address (a direct connection would come from the client's).
+        let reply = cluster
+            .round_trip("client", "server", "hello")
+            .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+        assert_eq!(reply, format!("echo hello from {}", cluster.pod("server").ip));
+        assert_mutual_tls_reported(&cluster, "client", "server");
+        // And back: the server pod is a client too.
+        let reply = cluster.round_trip("server", "client", "back").unwrap();
+        assert_eq!(reply, format!("echo back from {}", cluster.pod("client").ip));
+        assert_mutual_tls_reported(&cluster, "server", "client");
+        cluster.shut_down();
+    });
 }
 
 #[test]
 fn a_pod_deleted_by_istio_cni_loses_its_listeners_and_its_traffic() {
-    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
-    cluster.enroll_all();
-    assert!(
-        cluster.round_trip("client", "server", "before").is_ok(),
-        "{}",
-        cluster.logs()
-    );
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+        cluster.enroll_all();
+        assert!(
+            cluster.round_trip("client", "server", "before").is_ok(),
+            "{}",
+            cluster.logs()
+        );
 
-    assert_eq!(cluster.del("server"), "", "{}", cluster.logs());
-    for port in [15001, 15006, 15008] {
+        assert_eq!(cluster.del("server"), "", "{}", cluster.logs());
+        for port in [15001, 15006, 15008] {
+            eventually(
+                Duration::from_secs(15),
+                "the deleted pod's listener to close",
+                || !listening(cluster.pod("server"), port),
+                || cluster.logs(),
+            );
+        }
+        // Traffic to it fails: its capture rules remain, and nothing serves them any more.
         eventually(
             Duration::from_secs(15),
-            "the deleted pod's listener to close",
-            || !listening(cluster.pod("server"), port),
+            "connections to the deleted pod to fail",
+            || cluster.round_trip("client", "server", "after").is_err(),
             || cluster.logs(),
         );
-    }
-    // Traffic to it fails: its capture rules remain, and nothing serves them any more.
-    eventually(
-        Duration::from_secs(15),
-        "connections to the deleted pod to fail",
-        || cluster.round_trip("client", "server", "after").is_err(),
-        || cluster.logs(),
-    );
-    // The other pod is still served.
-    for port in [15001, 15006, 15008] {
-        assert!(listening(cluster.pod("client"), port), "{}", cluster.logs());
-    }
+        // The other pod is still served.
+        for port in [15001, 15006, 15008] {
+            assert!(listening(cluster.pod("client"), port), "{}", cluster.logs());
+        }
 
-    // Added again (say, its sandbox was recreated), it is served again.
-    assert_eq!(cluster.add("server"), "", "{}", cluster.logs());
-    eventually(
-        Duration::from_secs(15),
-        "the re-added pod to be reachable",
-        || cluster.round_trip("client", "server", "again").is_ok(),
-        || cluster.logs(),
-    );
-    cluster.shut_down();
+        // Added again (say, its sandbox was recreated), it is served again.
+        assert_eq!(cluster.add("server"), "", "{}", cluster.logs());
+        eventually(
+            Duration::from_secs(15),
+            "the re-added pod to be reachable",
+            || cluster.round_trip("client", "server", "again").is_ok(),
+            || cluster.logs(),
+        );
+        cluster.shut_down();
+    });
 }
 
 #[test]
 fn a_deny_policy_from_the_control_plane_refuses_the_denied_client_only() {
-    let cluster = Cluster::start(&[("node-a", &["client", "other", "server"])]);
-    cluster.enroll_all();
-    for from in ["client", "other"] {
-        assert!(
-            cluster.round_trip(from, "server", "before").is_ok(),
-            "{from}\n{}",
-            cluster.logs()
-        );
-    }
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client", "other", "server"])]);
+        cluster.enroll_all();
+        for from in ["client", "other"] {
+            assert!(
+                cluster.round_trip(from, "server", "before").is_ok(),
+                "{from}\n{}",
+                cluster.logs()
+            );
+        }
 
-    cluster.dir.write_config(
-        "policy.yaml",
-        r#"
+        cluster.dir.write_config(
+            "policy.yaml",
+            r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: deny-client, namespace: default}
@@ -346,66 +354,69 @@ spec:
   rules:
   - from: [{source: {principals: ["cluster.local/ns/default/sa/client"]}}]
 "#,
-    );
-    eventually(
-        Duration::from_secs(20),
-        "the DENY policy to refuse the client",
-        || cluster.round_trip("client", "server", "denied").is_err(),
-        || cluster.logs(),
-    );
-    let reply = cluster.round_trip("other", "server", "allowed").unwrap();
-    assert_eq!(reply, format!("echo allowed from {}", cluster.pod("server").ip));
-    eventually(
-        Duration::from_secs(10),
-        "the denial in the destination's metrics",
-        || {
-            metric_sum(
-                &cluster.metrics(0),
-                "istio_tcp_connections_closed_total",
-                &[
-                    ("reporter", "destination"),
-                    ("source_principal", &cluster.pod("client").principal()),
-                    ("destination_workload", "server"),
-                    ("response_flags", "DENY"),
-                ],
-            ) >= 1.0
-        },
-        || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
-    );
-    cluster.shut_down();
+        );
+        eventually(
+            Duration::from_secs(20),
+            "the DENY policy to refuse the client",
+            || cluster.round_trip("client", "server", "denied").is_err(),
+            || cluster.logs(),
+        );
+        let reply = cluster.round_trip("other", "server", "allowed").unwrap();
+        assert_eq!(reply, format!("echo allowed from {}", cluster.pod("server").ip));
+        eventually(
+            Duration::from_secs(10),
+            "the denial in the destination's metrics",
+            || {
+                metric_sum(
+                    &cluster.metrics(0),
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_principal", &cluster.pod("client").principal()),
+                        ("destination_workload", "server"),
+                        ("response_flags", "DENY"),
+                    ],
+                ) >= 1.0
+            },
+            || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
+        );
+        cluster.shut_down();
+    });
 }
 
 #[test]
 fn ztunnel_is_ready_only_once_istio_cni_has_sent_its_snapshot() {
-    let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
-    let node = &cluster.nodes[0];
-    // Configuration and certificates are in; only istio-cni's snapshot is missing.
-    let waiting = "not ready, pending: listeners";
-    eventually(
-        Duration::from_secs(30),
-        "ztunnel to wait for nothing but istio-cni",
-        || readiness(node) == Some((503, waiting.to_owned())),
-        || format!("{:?}\n{}", readiness(node), cluster.logs()),
-    );
-    // Pods arrive (their listeners are bound when the ack comes), yet the snapshot is not complete.
-    for pod in ["client", "server"] {
-        assert_eq!(cluster.add(pod), "", "{}", cluster.logs());
-    }
-    assert_eq!(readiness(node), Some((503, waiting.to_owned())));
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+        let node = &cluster.nodes[0];
+        // Configuration and certificates are in; only istio-cni's snapshot is missing.
+        let waiting = "not ready, pending: listeners";
+        eventually(
+            Duration::from_secs(30),
+            "ztunnel to wait for nothing but istio-cni",
+            || readiness(node) == Some((503, waiting.to_owned())),
+            || format!("{:?}\n{}", readiness(node), cluster.logs()),
+        );
+        // Pods arrive (their listeners are bound when the ack comes), yet the snapshot is not complete.
+        for pod in ["client", "server"] {
+            assert_eq!(cluster.add(pod), "", "{}", cluster.logs());
+        }
+        assert_eq!(readiness(node), Some((503, waiting.to_owned())));
 
-    assert_eq!(cluster.snapshot_sent(0), "");
-    eventually(
-        Duration::from_secs(10),
-        "ztunnel to report ready after the snapshot",
-        || readiness(node) == Some((200, "ready".to_owned())),
-        || format!("{:?}\n{}", readiness(node), cluster.logs()),
-    );
-    assert!(
-        cluster.round_trip("client", "server", "ready").is_ok(),
-        "{}",
-        cluster.logs()
-    );
-    cluster.shut_down();
+        assert_eq!(cluster.snapshot_sent(0), "");
+        eventually(
+            Duration::from_secs(10),
+            "ztunnel to report ready after the snapshot",
+            || readiness(node) == Some((200, "ready".to_owned())),
+            || format!("{:?}\n{}", readiness(node), cluster.logs()),
+        );
+        assert!(
+            cluster.round_trip("client", "server", "ready").is_ok(),
+            "{}",
+            cluster.logs()
+        );
+        cluster.shut_down();
+    });
 }
 
 /// The index of interface `name` in `ns`.
@@ -417,68 +428,70 @@ fn ifindex(ns: &mesh_test::netns::Netns, name: &str) -> u32 {
 
 #[test]
 fn pods_on_two_nodes_talk_across_the_network_in_mutual_tls_only() {
-    let cluster = Cluster::start(&[("node-a", &["client"]), ("node-b", &["server"])]);
-    cluster.enroll_all();
-    let node_a = &cluster.nodes[0];
-    let capture = LinkCapture::start(&node_a.netns, ifindex(&node_a.netns, "eth0"));
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client"]), ("node-b", &["server"])]);
+        cluster.enroll_all();
+        let node_a = &cluster.nodes[0];
+        let capture = LinkCapture::start(&node_a.netns, ifindex(&node_a.netns, "eth0"));
 
-    let state = std::collections::hash_map::RandomState::new();
-    let marker: String = (0..4).map(|i| format!("{:016x}", state.hash_one(i))).collect();
-    let reply = cluster
-        .round_trip("client", "server", &marker)
-        .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
-    assert_eq!(reply, format!("echo {marker} from {}", cluster.pod("server").ip));
-    let frames = capture.stop();
+        let state = std::collections::hash_map::RandomState::new();
+        let marker: String = (0..4).map(|i| format!("{:016x}", state.hash_one(i))).collect();
+        let reply = cluster
+            .round_trip("client", "server", &marker)
+            .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+        assert_eq!(reply, format!("echo {marker} from {}", cluster.pod("server").ip));
+        let frames = capture.stop();
 
-    // Between the nodes: a connection from the client pod to the server pod's 15008 carrying TLS, and
-    // the application's bytes nowhere in clear.
-    for frame in &frames {
-        assert!(
-            !wire::contains(frame, marker.as_bytes()),
-            "the application's bytes crossed the network in clear"
-        );
-    }
-    let streams = wire::tcp_streams(&frames);
-    let client_ip = cluster.pod("client").ip.clone();
-    let server_ip = cluster.pod("server").ip.clone();
-    let hbone: Vec<_> = streams
-        .iter()
-        .filter(|(flow, _)| {
-            flow.src.ip().to_string() == client_ip
-                && flow.dst.ip().to_string() == server_ip
-                && flow.dst.port() == 15008
-        })
-        .collect();
-    assert!(
-        !hbone.is_empty(),
-        "no connection from {client_ip} to {server_ip}:15008 crossed node-a's link: {:?}",
-        streams.keys().collect::<Vec<_>>()
-    );
-    assert!(
-        hbone.iter().any(|(_, stream)| stream.syn),
-        "the HBONE connection's start was not captured"
-    );
-    for (flow, stream) in hbone {
-        assert!(
-            !wire::contains(&stream.bytes, marker.as_bytes()),
-            "the application's bytes in clear in {flow:?}"
-        );
-        if stream.syn {
-            let records = wire::tls_records(&stream.bytes)
-                .unwrap_or_else(|e| panic!("{flow:?} does not carry TLS: {e}"));
-            assert_eq!(
-                records.first().map(|(t, _)| *t),
-                Some(wire::HANDSHAKE),
-                "{flow:?}"
+        // Between the nodes: a connection from the client pod to the server pod's 15008 carrying TLS, and
+        // the application's bytes nowhere in clear.
+        for frame in &frames {
+            assert!(
+                !wire::contains(frame, marker.as_bytes()),
+                "the application's bytes crossed the network in clear"
             );
         }
-    }
-    assert!(
-        streams
-            .keys()
-            .all(|flow| flow.dst.port() != APP_PORT && flow.src.port() != APP_PORT),
-        "a connection to the application port crossed the network"
-    );
-    assert_mutual_tls_reported(&cluster, "client", "server");
-    cluster.shut_down();
+        let streams = wire::tcp_streams(&frames);
+        let client_ip = cluster.pod("client").ip.clone();
+        let server_ip = cluster.pod("server").ip.clone();
+        let hbone: Vec<_> = streams
+            .iter()
+            .filter(|(flow, _)| {
+                flow.src.ip().to_string() == client_ip
+                    && flow.dst.ip().to_string() == server_ip
+                    && flow.dst.port() == 15008
+            })
+            .collect();
+        assert!(
+            !hbone.is_empty(),
+            "no connection from {client_ip} to {server_ip}:15008 crossed node-a's link: {:?}",
+            streams.keys().collect::<Vec<_>>()
+        );
+        assert!(
+            hbone.iter().any(|(_, stream)| stream.syn),
+            "the HBONE connection's start was not captured"
+        );
+        for (flow, stream) in hbone {
+            assert!(
+                !wire::contains(&stream.bytes, marker.as_bytes()),
+                "the application's bytes in clear in {flow:?}"
+            );
+            if stream.syn {
+                let records = wire::tls_records(&stream.bytes)
+                    .unwrap_or_else(|e| panic!("{flow:?} does not carry TLS: {e}"));
+                assert_eq!(
+                    records.first().map(|(t, _)| *t),
+                    Some(wire::HANDSHAKE),
+                    "{flow:?}"
+                );
+            }
+        }
+        assert!(
+            streams
+                .keys()
+                .all(|flow| flow.dst.port() != APP_PORT && flow.src.port() != APP_PORT),
+            "a connection to the application port crossed the network"
+        );
+        assert_mutual_tls_reported(&cluster, "client", "server");
+        cluster.shut_down();
+    });
 }

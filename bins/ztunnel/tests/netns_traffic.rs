@@ -2,7 +2,9 @@
 //! outside the mesh, SOCKS5, data integrity under load, traffic between two workloads of one node, and
 //! draining on SIGTERM.
 //!
-//! Needs root, iproute2 and iptables (CI installs them); without them the tests fail and say why.
+//! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`: new user, network, mount and PID
+//! namespaces), so it needs no root; it needs util-linux, iproute2 and iptables (CI installs them), and
+//! fails saying why when it cannot have them.
 
 #![allow(clippy::unwrap_used, missing_docs)] // test code: a failed unwrap is a failed test
 
@@ -17,7 +19,7 @@ use common::{
     eventually, has_metric, line_exchange, metrics, pod, round_trip, round_trip_to, serve, wait_ready,
 };
 use mesh_core::SpiffeId;
-use mesh_test::netns::Netns;
+use mesh_test::netns::{Netns, isolated};
 use mesh_xds::ca::{Caller, StaticTokens};
 use rustls::SupportedCipherSuite;
 use rustls::crypto::hash::Context;
@@ -26,53 +28,56 @@ const CLIENT_PRINCIPAL: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 #[test]
 fn a_destination_outside_the_mesh_is_reached_through_ztunnel_as_plain_tcp() {
-    const EXTERNAL_IP: &str = "10.10.2.2";
-    let nodes = TwoNodes::start(Options {
-        capture: Some("10.10.0.0/16"),
-        ..Options::default()
-    });
-    // A host that is no workload, on another link of the client node.
-    let external = Netns::create("external").unwrap();
-    common::link(
-        &nodes.client,
-        "10.10.2.1/24",
-        &external,
-        &format!("{EXTERNAL_IP}/24"),
-    );
-    let _external_app = echo_app(&external, EXTERNAL_IP, APP_PORT);
+    isolated(|| {
+        const EXTERNAL_IP: &str = "10.10.2.2";
+        let nodes = TwoNodes::start(Options {
+            capture: Some("10.10.0.0/16"),
+            ..Options::default()
+        });
+        // A host that is no workload, on another link of the client node.
+        let external = Netns::create("external").unwrap();
+        common::link(
+            &nodes.client,
+            "10.10.2.1/24",
+            &external,
+            &format!("{EXTERNAL_IP}/24"),
+        );
+        let _external_app = echo_app(&external, EXTERNAL_IP, APP_PORT);
 
-    // The external server reads our line as it was written (plain TCP, no HBONE), from the client node.
-    let reply = round_trip_to(&nodes.client, &format!("{EXTERNAL_IP}:{APP_PORT}"), "out")
-        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
-    assert_eq!(reply, "echo out from 10.10.2.1");
-    // ... through the client's ztunnel, which reports it as passthrough (no destination workload, no mTLS)
-    // and logs where the bytes went.
-    eventually(
-        Duration::from_secs(10),
-        "the passthrough connection in the source's metrics and access log",
-        || {
-            has_metric(
-                &nodes.client_metrics(),
-                "istio_tcp_connections_closed_total",
-                &[
-                    ("reporter", "source"),
-                    ("source_workload", "client"),
-                    ("destination_workload", "unknown"),
-                    ("connection_security_policy", "unknown"),
-                    ("response_flags", "-"),
-                ],
-            ) && nodes.client_proxy.log().lines().any(|l| {
-                l.contains("connection complete") && l.contains(&format!("dst.addr={EXTERNAL_IP}:{APP_PORT}"))
-            })
-        },
-        || format!("{}\n{}", nodes.client_metrics(), nodes.logs()),
-    );
-    // The same capture still carries mesh traffic over HBONE.
-    assert_eq!(
-        round_trip(&nodes.client, "mesh").unwrap(),
-        format!("echo mesh from {SERVER_IP}")
-    );
-    nodes.shut_down();
+        // The external server reads our line as it was written (plain TCP, no HBONE), from the client node.
+        let reply = round_trip_to(&nodes.client, &format!("{EXTERNAL_IP}:{APP_PORT}"), "out")
+            .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+        assert_eq!(reply, "echo out from 10.10.2.1");
+        // ... through the client's ztunnel, which reports it as passthrough (no destination workload, no mTLS)
+        // and logs where the bytes went.
+        eventually(
+            Duration::from_secs(10),
+            "the passthrough connection in the source's metrics and access log",
+            || {
+                has_metric(
+                    &nodes.client_metrics(),
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "source"),
+                        ("source_workload", "client"),
+                        ("destination_workload", "unknown"),
+                        ("connection_security_policy", "unknown"),
+                        ("response_flags", "-"),
+                    ],
+                ) && nodes.client_proxy.log().lines().any(|l| {
+                    l.contains("connection complete")
+                        && l.contains(&format!("dst.addr={EXTERNAL_IP}:{APP_PORT}"))
+                })
+            },
+            || format!("{}\n{}", nodes.client_metrics(), nodes.logs()),
+        );
+        // The same capture still carries mesh traffic over HBONE.
+        assert_eq!(
+            round_trip(&nodes.client, "mesh").unwrap(),
+            format!("echo mesh from {SERVER_IP}")
+        );
+        nodes.shut_down();
+    });
 }
 
 /// A SOCKS5 CONNECT to `target` through `proxy`, then one line exchanged. Written out by hand: a 3-byte
@@ -115,43 +120,45 @@ fn socks5_round_trip(
 
 #[test]
 fn socks5_reaches_the_server_through_hbone() {
-    // No capture: the application asks for the proxy itself.
-    let nodes = TwoNodes::start(Options {
-        capture: None,
-        client_env: vec![("UNSTABLE_ENABLE_SOCKS5", "true".into())],
-        ..Options::default()
+    isolated(|| {
+        // No capture: the application asks for the proxy itself.
+        let nodes = TwoNodes::start(Options {
+            capture: None,
+            client_env: vec![("UNSTABLE_ENABLE_SOCKS5", "true".into())],
+            ..Options::default()
+        });
+        let target = SocketAddrV4::new(SERVER_IP.parse().unwrap(), APP_PORT);
+        let reply = socks5_round_trip(&nodes.client, "127.0.0.1:15080", target, "socks")
+            .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
+        // The app sees the server's ztunnel (a direct connection would come from the client's address) ...
+        assert_eq!(reply, format!("echo socks from {SERVER_IP}"));
+        // ... which saw the client's identity over mutual TLS.
+        eventually(
+            Duration::from_secs(10),
+            "the SOCKS5 connection in both proxies' metrics",
+            || {
+                has_metric(
+                    &nodes.server_metrics(),
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_principal", CLIENT_PRINCIPAL),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                ) && has_metric(
+                    &nodes.client_metrics(),
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "source"),
+                        ("destination_workload", "server"),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                )
+            },
+            || nodes.logs(),
+        );
+        nodes.shut_down();
     });
-    let target = SocketAddrV4::new(SERVER_IP.parse().unwrap(), APP_PORT);
-    let reply = socks5_round_trip(&nodes.client, "127.0.0.1:15080", target, "socks")
-        .unwrap_or_else(|e| panic!("{e}\n{}", nodes.logs()));
-    // The app sees the server's ztunnel (a direct connection would come from the client's address) ...
-    assert_eq!(reply, format!("echo socks from {SERVER_IP}"));
-    // ... which saw the client's identity over mutual TLS.
-    eventually(
-        Duration::from_secs(10),
-        "the SOCKS5 connection in both proxies' metrics",
-        || {
-            has_metric(
-                &nodes.server_metrics(),
-                "istio_tcp_connections_opened_total",
-                &[
-                    ("reporter", "destination"),
-                    ("source_principal", CLIENT_PRINCIPAL),
-                    ("connection_security_policy", "mutual_tls"),
-                ],
-            ) && has_metric(
-                &nodes.client_metrics(),
-                "istio_tcp_connections_opened_total",
-                &[
-                    ("reporter", "source"),
-                    ("destination_workload", "server"),
-                    ("connection_security_policy", "mutual_tls"),
-                ],
-            )
-        },
-        || nodes.logs(),
-    );
-    nodes.shut_down();
 }
 
 /// A SHA-256 context from rustls's aws-lc-rs provider (optimized C even in a debug build).
@@ -193,248 +200,253 @@ fn for_each_piece(block: &[u8], connection: u64, len: u64, mut f: impl FnMut(&[u
 
 #[test]
 fn a_gibibyte_over_64_connections_arrives_intact() {
-    const SINK_PORT: u16 = 8090;
-    const CONNECTIONS: u64 = 64;
-    let total: u64 = std::env::var("MESHKIT_E2E_INTEGRITY_BYTES")
-        .ok()
-        .map(|v| {
-            v.parse()
-                .expect("MESHKIT_E2E_INTEGRITY_BYTES must be a byte count")
-        })
-        .unwrap_or(1 << 30);
-    let mut nodes = TwoNodes::start(Options::default());
-    // The sink digests everything it receives and answers `<sha256> <bytes>` when the client is done.
-    nodes.apps.push(serve(
-        &nodes.server,
-        &format!("{SERVER_IP}:{SINK_PORT}"),
-        |stream| {
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
-            let mut reader = &stream;
-            let mut digest = sha256();
-            let mut count = 0u64;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        digest.update(&buf[..n]);
-                        count += n as u64;
-                    }
-                    Err(_) => return,
-                }
-            }
-            let _ = (&stream).write_all(format!("{} {count}\n", hex(digest.finish().as_ref())).as_bytes());
-        },
-    ));
-
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let block: Vec<u8> = (0..(1 << 20) / 8)
-        .flat_map(|_| {
-            // xorshift64
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state.to_le_bytes()
-        })
-        .collect();
-    let block = std::sync::Arc::new(block);
-    let addr: SocketAddr = format!("{SERVER_IP}:{SINK_PORT}").parse().unwrap();
-    let streams: Vec<TcpStream> = nodes
-        .client
-        .run(move || {
-            (0..CONNECTIONS)
-                .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
-                .collect::<std::io::Result<Vec<_>>>()
-        })
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connecting: {e}\n{}", nodes.logs()));
-
-    let started = Instant::now();
-    let workers: Vec<_> = streams
-        .into_iter()
-        .zip(0u64..)
-        .map(|(stream, connection)| {
-            let block = block.clone();
-            let len = total / CONNECTIONS + u64::from(connection < total % CONNECTIONS);
-            std::thread::spawn(move || -> Result<(), String> {
-                stream
-                    .set_write_timeout(Some(Duration::from_secs(60)))
-                    .map_err(|e| e.to_string())?;
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(60)))
-                    .map_err(|e| e.to_string())?;
-                let mut digest = sha256();
-                let mut failed = None;
-                for_each_piece(&block, connection, len, |piece| {
-                    if failed.is_none() {
-                        digest.update(piece);
-                        failed = (&stream).write_all(piece).err();
-                    }
-                });
-                if let Some(error) = failed {
-                    return Err(format!("connection {connection}: sending: {error}"));
-                }
-                stream.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
-                let mut answer = String::new();
-                BufReader::new(&stream)
-                    .read_line(&mut answer)
-                    .map_err(|e| format!("connection {connection}: reading the digest: {e}"))?;
-                let expected = format!("{} {len}", hex(digest.finish().as_ref()));
-                if answer.trim_end() != expected {
-                    return Err(format!(
-                        "connection {connection}: sent {expected}, the server received {:?}",
-                        answer.trim_end()
-                    ));
-                }
-                Ok(())
+    isolated(|| {
+        const SINK_PORT: u16 = 8090;
+        const CONNECTIONS: u64 = 64;
+        let total: u64 = std::env::var("MESHKIT_E2E_INTEGRITY_BYTES")
+            .ok()
+            .map(|v| {
+                v.parse()
+                    .expect("MESHKIT_E2E_INTEGRITY_BYTES must be a byte count")
             })
-        })
-        .collect();
-    let failures: Vec<String> = workers
-        .into_iter()
-        .filter_map(|worker| worker.join().unwrap().err())
-        .collect();
-    let elapsed = started.elapsed();
-    assert!(failures.is_empty(), "{failures:#?}\n{}", nodes.logs());
-    println!(
-        "{total} bytes over {CONNECTIONS} connections through HBONE in {elapsed:?}: {:.1} MiB/s",
-        total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
-    );
-    // Both proxies counted the bytes: Istio's `received` is the request direction, client to server.
-    for (reporter, body) in [
-        ("source", nodes.client_metrics()),
-        ("destination", nodes.server_metrics()),
-    ] {
-        let received = common::metric_sum(
-            &body,
-            "istio_tcp_received_bytes_total",
-            &[("reporter", reporter), ("destination_workload", "server")],
+            .unwrap_or(1 << 30);
+        let mut nodes = TwoNodes::start(Options::default());
+        // The sink digests everything it receives and answers `<sha256> <bytes>` when the client is done.
+        nodes.apps.push(serve(
+            &nodes.server,
+            &format!("{SERVER_IP}:{SINK_PORT}"),
+            |stream| {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+                let mut reader = &stream;
+                let mut digest = sha256();
+                let mut count = 0u64;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            digest.update(&buf[..n]);
+                            count += n as u64;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ =
+                    (&stream).write_all(format!("{} {count}\n", hex(digest.finish().as_ref())).as_bytes());
+            },
+        ));
+
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let block: Vec<u8> = (0..(1 << 20) / 8)
+            .flat_map(|_| {
+                // xorshift64
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()
+            })
+            .collect();
+        let block = std::sync::Arc::new(block);
+        let addr: SocketAddr = format!("{SERVER_IP}:{SINK_PORT}").parse().unwrap();
+        let streams: Vec<TcpStream> = nodes
+            .client
+            .run(move || {
+                (0..CONNECTIONS)
+                    .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(10)))
+                    .collect::<std::io::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("connecting: {e}\n{}", nodes.logs()));
+
+        let started = Instant::now();
+        let workers: Vec<_> = streams
+            .into_iter()
+            .zip(0u64..)
+            .map(|(stream, connection)| {
+                let block = block.clone();
+                let len = total / CONNECTIONS + u64::from(connection < total % CONNECTIONS);
+                std::thread::spawn(move || -> Result<(), String> {
+                    stream
+                        .set_write_timeout(Some(Duration::from_secs(60)))
+                        .map_err(|e| e.to_string())?;
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(60)))
+                        .map_err(|e| e.to_string())?;
+                    let mut digest = sha256();
+                    let mut failed = None;
+                    for_each_piece(&block, connection, len, |piece| {
+                        if failed.is_none() {
+                            digest.update(piece);
+                            failed = (&stream).write_all(piece).err();
+                        }
+                    });
+                    if let Some(error) = failed {
+                        return Err(format!("connection {connection}: sending: {error}"));
+                    }
+                    stream.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+                    let mut answer = String::new();
+                    BufReader::new(&stream)
+                        .read_line(&mut answer)
+                        .map_err(|e| format!("connection {connection}: reading the digest: {e}"))?;
+                    let expected = format!("{} {len}", hex(digest.finish().as_ref()));
+                    if answer.trim_end() != expected {
+                        return Err(format!(
+                            "connection {connection}: sent {expected}, the server received {:?}",
+                            answer.trim_end()
+                        ));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let failures: Vec<String> = workers
+            .into_iter()
+            .filter_map(|worker| worker.join().unwrap().err())
+            .collect();
+        let elapsed = started.elapsed();
+        assert!(failures.is_empty(), "{failures:#?}\n{}", nodes.logs());
+        println!(
+            "{total} bytes over {CONNECTIONS} connections through HBONE in {elapsed:?}: {:.1} MiB/s",
+            total as f64 / (1 << 20) as f64 / elapsed.as_secs_f64()
         );
-        assert!(
-            received >= total as f64,
-            "the {reporter} reported {received} bytes received, of {total} sent"
-        );
-    }
-    nodes.shut_down();
+        // Both proxies counted the bytes: Istio's `received` is the request direction, client to server.
+        for (reporter, body) in [
+            ("source", nodes.client_metrics()),
+            ("destination", nodes.server_metrics()),
+        ] {
+            let received = common::metric_sum(
+                &body,
+                "istio_tcp_received_bytes_total",
+                &[("reporter", reporter), ("destination_workload", "server")],
+            );
+            assert!(
+                received >= total as f64,
+                "the {reporter} reported {received} bytes received, of {total} sent"
+            );
+        }
+        nodes.shut_down();
+    });
 }
 
 #[test]
 fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
-    const CLIENT_B_IP: &str = "10.10.0.3";
-    let node = Netns::create("node").expect("network namespaces are required for this test");
-    for ip in [SERVER_IP, CLIENT_B_IP] {
-        node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
-            .unwrap();
-    }
-    let dir = TempDir::new();
-    dir.write_config(
-        "pods.yaml",
-        &format!(
-            "{}{}",
-            pod("client", "default", CLIENT_B_IP, "node-a"),
-            pod("server", "default", SERVER_IP, "node-a")
-        ),
-    );
-    let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
-    let control_plane = ControlPlane::start(
-        &node,
-        dir.path(),
-        StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
-    );
-    let _app = echo_app(&node, SERVER_IP, APP_PORT);
-    // The client workload's traffic (by its source address) goes to the node proxy; the proxy's own
-    // connections, marked or from the server's address, do not.
-    node.iptables(&[
-        "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-    ])
-    .unwrap();
-    node.iptables(&[
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-s",
-        CLIENT_B_IP,
-        "-d",
-        SERVER_IP,
-        "--dport",
-        &APP_PORT.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ])
-    .unwrap();
-    let proxy = Ztunnel::start(
-        &node,
-        dir.path(),
-        "node",
-        "node-token",
-        &[
-            ("PROXY_MODE", "shared".to_owned()),
-            ("NODE_NAME", "node-a".to_owned()),
-            // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
-            ("INPOD_ENABLED", "false".to_owned()),
-        ],
-    );
-    let logs = || proxy.log();
-    wait_ready(&[(&node, SERVER_IP)], logs);
+    isolated(|| {
+        const CLIENT_B_IP: &str = "10.10.0.3";
+        let node = Netns::create("node").expect("network namespaces are required for this test");
+        for ip in [SERVER_IP, CLIENT_B_IP] {
+            node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+                .unwrap();
+        }
+        let dir = TempDir::new();
+        dir.write_config(
+            "pods.yaml",
+            &format!(
+                "{}{}",
+                pod("client", "default", CLIENT_B_IP, "node-a"),
+                pod("server", "default", SERVER_IP, "node-a")
+            ),
+        );
+        let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
+        let control_plane = ControlPlane::start(
+            &node,
+            dir.path(),
+            StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
+        );
+        let _app = echo_app(&node, SERVER_IP, APP_PORT);
+        // The client workload's traffic (by its source address) goes to the node proxy; the proxy's own
+        // connections, marked or from the server's address, do not.
+        node.iptables(&[
+            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
+        ])
+        .unwrap();
+        node.iptables(&[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-s",
+            CLIENT_B_IP,
+            "-d",
+            SERVER_IP,
+            "--dport",
+            &APP_PORT.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ])
+        .unwrap();
+        let proxy = Ztunnel::start(
+            &node,
+            dir.path(),
+            "node",
+            "node-token",
+            &[
+                ("PROXY_MODE", "shared".to_owned()),
+                ("NODE_NAME", "node-a".to_owned()),
+                // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
+                ("INPOD_ENABLED", "false".to_owned()),
+            ],
+        );
+        let logs = || proxy.log();
+        wait_ready(&[(&node, SERVER_IP)], logs);
 
-    // The client application binds its workload's address, as a pod's socket would have it.
-    let reply = node
-        .run(|| -> Result<String, String> {
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .map_err(|e| e.to_string())?;
-            let local = SocketAddrV4::new(CLIENT_B_IP.parse().unwrap(), 0);
-            socket.bind(&local.into()).map_err(|e| e.to_string())?;
-            let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
-            socket
-                .connect_timeout(&server.into(), Duration::from_secs(5))
-                .map_err(|e| e.to_string())?;
-            line_exchange(socket.into(), "local")
-        })
-        .unwrap()
-        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
-    // Not straight from the client's address: the proxy's inbound side connected to the app.
-    assert_eq!(reply, format!("echo local from {SERVER_IP}"));
-    // The node proxy reported the connection twice, as the source and as the destination, both with
-    // mutual TLS and the identities proven in the handshake.
-    eventually(
-        Duration::from_secs(10),
-        "both reporters with mutual TLS on the node proxy",
-        || {
-            let body = metrics(&node, SERVER_IP);
-            has_metric(
-                &body,
-                "istio_tcp_connections_opened_total",
-                &[
-                    ("reporter", "source"),
-                    ("source_workload", "client"),
-                    ("destination_workload", "server"),
-                    (
-                        "destination_principal",
-                        "spiffe://cluster.local/ns/default/sa/server",
-                    ),
-                    ("connection_security_policy", "mutual_tls"),
-                ],
-            ) && has_metric(
-                &body,
-                "istio_tcp_connections_opened_total",
-                &[
-                    ("reporter", "destination"),
-                    ("source_principal", CLIENT_PRINCIPAL),
-                    ("destination_workload", "server"),
-                    ("connection_security_policy", "mutual_tls"),
-                ],
-            )
-        },
-        logs,
-    );
-    let logs_before = logs();
-    assert!(proxy.terminate().success(), "{logs_before}");
-    control_plane.stop();
+        // The client application binds its workload's address, as a pod's socket would have it.
+        let reply = node
+            .run(|| -> Result<String, String> {
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .map_err(|e| e.to_string())?;
+                let local = SocketAddrV4::new(CLIENT_B_IP.parse().unwrap(), 0);
+                socket.bind(&local.into()).map_err(|e| e.to_string())?;
+                let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
+                socket
+                    .connect_timeout(&server.into(), Duration::from_secs(5))
+                    .map_err(|e| e.to_string())?;
+                line_exchange(socket.into(), "local")
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        // Not straight from the client's address: the proxy's inbound side connected to the app.
+        assert_eq!(reply, format!("echo local from {SERVER_IP}"));
+        // The node proxy reported the connection twice, as the source and as the destination, both with
+        // mutual TLS and the identities proven in the handshake.
+        eventually(
+            Duration::from_secs(10),
+            "both reporters with mutual TLS on the node proxy",
+            || {
+                let body = metrics(&node, SERVER_IP);
+                has_metric(
+                    &body,
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "source"),
+                        ("source_workload", "client"),
+                        ("destination_workload", "server"),
+                        (
+                            "destination_principal",
+                            "spiffe://cluster.local/ns/default/sa/server",
+                        ),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                ) && has_metric(
+                    &body,
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_principal", CLIENT_PRINCIPAL),
+                        ("destination_workload", "server"),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                )
+            },
+            logs,
+        );
+        let logs_before = logs();
+        assert!(proxy.terminate().success(), "{logs_before}");
+        control_plane.stop();
+    });
 }
 
 /// Which proxy gets SIGTERM in [`drains_on_sigterm`].
@@ -522,32 +534,38 @@ fn drains_on_sigterm(side: Side) {
 
 #[test]
 fn sigterm_on_the_client_node_drains_open_connections_then_exits() {
-    drains_on_sigterm(Side::Client);
+    isolated(|| {
+        drains_on_sigterm(Side::Client);
+    });
 }
 
 #[test]
 fn sigterm_on_the_server_node_drains_open_connections_then_exits() {
-    drains_on_sigterm(Side::Server);
+    isolated(|| {
+        drains_on_sigterm(Side::Server);
+    });
 }
 
 #[test]
 fn sigterm_with_nothing_open_ends_the_drain_without_waiting_for_the_deadline() {
-    let nodes = TwoNodes::start(Options::default());
-    // One connection, finished: nothing is open when the signal comes.
-    assert!(round_trip(&nodes.client, "once").is_ok(), "{}", nodes.logs());
-    let TwoNodes {
-        client_proxy,
-        server_proxy,
-        ..
-    } = nodes;
-    for (name, proxy) in [("client", client_proxy), ("server", server_proxy)] {
-        let (status, log) = proxy.terminate_keeping_log();
-        assert!(status.success(), "{log}");
-        // The drain ends as soon as every listener and connection has let go; the deadline is for
-        // connections that stay open, and it passing with nothing open means the proxy waited for itself.
-        assert!(
-            !log.contains("connections still open after the drain deadline"),
-            "the {name} ztunnel waited out the drain deadline with nothing open:\n{log}"
-        );
-    }
+    isolated(|| {
+        let nodes = TwoNodes::start(Options::default());
+        // One connection, finished: nothing is open when the signal comes.
+        assert!(round_trip(&nodes.client, "once").is_ok(), "{}", nodes.logs());
+        let TwoNodes {
+            client_proxy,
+            server_proxy,
+            ..
+        } = nodes;
+        for (name, proxy) in [("client", client_proxy), ("server", server_proxy)] {
+            let (status, log) = proxy.terminate_keeping_log();
+            assert!(status.success(), "{log}");
+            // The drain ends as soon as every listener and connection has let go; the deadline is for
+            // connections that stay open, and it passing with nothing open means the proxy waited for itself.
+            assert!(
+                !log.contains("connections still open after the drain deadline"),
+                "the {name} ztunnel waited out the drain deadline with nothing open:\n{log}"
+            );
+        }
+    });
 }

@@ -105,6 +105,7 @@ pub struct Network {
 
 impl Network {
     pub fn new() -> Network {
+        super::sandboxed();
         let netns = Netns::create("net").expect("network namespaces are required for this test");
         netns.ip(&["link", "add", "br0", "type", "bridge"]).unwrap();
         netns

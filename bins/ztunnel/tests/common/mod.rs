@@ -3,8 +3,11 @@
 //! servers), iptables capture, and bounded waits. Every wait has a deadline and every failure message
 //! carries the proxies' logs.
 //!
-//! Needs root, iproute2 and iptables (CI installs them); without them a test fails and says why, it
-//! never passes by skipping.
+//! Every test runs its body in `mesh_test::netns::isolated`, a sandbox of its own (new user, network,
+//! mount and PID namespaces), where it is root over what it creates without being root on the host, and
+//! which takes everything it made along when it ends; [`sandboxed`] checks that before a namespace is
+//! made. Needs util-linux, iproute2 and iptables (CI installs them); without them a test fails and says
+//! why, it never passes by skipping.
 
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code, clippy::unwrap_used, missing_docs, unreachable_pub)]
@@ -31,6 +34,15 @@ pub const SERVER_IP: &str = "10.10.0.2";
 pub const APP_PORT: u16 = 8080;
 /// The destination ports the client node's capture redirects (iptables `--dport` range syntax).
 pub const CAPTURED_PORTS: &str = "8000:8999";
+
+/// Fails the test unless it runs in a sandbox of its own: the harness builds networks, which belong in one,
+/// never on the host.
+pub fn sandboxed() {
+    assert!(
+        mesh_test::sandbox::current().is_some(),
+        "this test builds network namespaces outside a sandbox: wrap its body in mesh_test::netns::isolated(|| ..)"
+    );
+}
 
 /// `spiffe://cluster.local/ns/default/sa/<sa>`.
 pub fn id(sa: &str) -> SpiffeId {
@@ -635,6 +647,7 @@ pub struct TwoNodes {
 impl TwoNodes {
     /// Both nodes, ready (both proxies answer readiness).
     pub fn start(options: Options) -> TwoNodes {
+        sandboxed();
         let client = Netns::create("client").expect("network namespaces are required for this test");
         let server = Netns::create("server").unwrap();
         link(

@@ -37,10 +37,12 @@ pub struct LinkCapture {
 impl LinkCapture {
     /// Starts capturing every frame sent or received on interface `ifindex` of `node`.
     pub fn start(node: &Netns, ifindex: u32) -> LinkCapture {
-        let socket = node
-            .run(move || open(ifindex))
-            .unwrap()
-            .unwrap_or_else(|e| panic!("cannot open an AF_PACKET socket (root is required): {e}"));
+        let socket = node.run(move || open(ifindex)).unwrap().unwrap_or_else(|e| {
+            panic!(
+                "cannot open an AF_PACKET socket (CAP_NET_RAW over the namespace is required: run the \
+                 test in mesh_test::netns::isolated): {e}"
+            )
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = std::thread::spawn(move || {
