@@ -87,7 +87,13 @@ impl HboneConfig {
             .max_frame_size(self.max_frame_size)
             .max_concurrent_streams(self.server_max_concurrent_streams)
             .max_header_list_size(self.server_max_header_list_size)
-            .max_send_buffer_size(self.server_max_send_buffer);
+            .max_send_buffer_size(self.server_max_send_buffer)
+            // HTTP/2 rapid reset (CVE-2023-44487) and its local-error variant: a client that resets more
+            // than 20 streams before we accepted them, or makes us reset 1024 of its streams for protocol
+            // errors, gets GOAWAY(ENHANCE_YOUR_CALM). These are hyper's values (and h2's defaults, which
+            // ztunnel keeps); pinned here so an h2 upgrade cannot change them unnoticed.
+            .max_pending_accept_reset_streams(20)
+            .max_local_error_reset_streams(Some(1024));
         builder
     }
 }

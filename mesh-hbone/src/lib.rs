@@ -72,6 +72,7 @@ mod config;
 mod error;
 pub mod headers;
 mod keepalive;
+mod readahead;
 mod select;
 mod server;
 mod socket;

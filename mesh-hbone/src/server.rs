@@ -10,7 +10,8 @@ use std::borrow::Cow;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
 
 use bytes::Bytes;
 use h2::RecvStream;
@@ -90,15 +91,47 @@ impl fmt::Display for TunnelTarget {
 ///
 /// Call [`InboundTunnel::accept`] once the upstream is ready (ztunnel connects upstream before answering
 /// 200), or [`InboundTunnel::reject`] with a status. A tunnel dropped without an answer is rejected with
-/// `503`, so a failing service never leaves a client waiting.
+/// `503`, so a failing service never leaves a client waiting. If the client resets the stream, or its
+/// connection ends, before the tunnel is answered, the service's future for it is dropped: nobody is left
+/// to answer, and work a client abandons must not pile up (HTTP/2 rapid reset, CVE-2023-44487).
 pub struct InboundTunnel {
     peer: SpiffeId,
     peer_addr: SocketAddr,
     local_addr: SocketAddr,
     target: TunnelTarget,
     headers: HeaderMap,
-    respond: Option<SendResponse<Bytes>>,
+    respond: Responder,
     body: Option<RecvStream>,
+}
+
+/// The answer half of a CONNECT, shared by the tunnel, which answers it, and the stream's task, which
+/// watches it for a client reset until then.
+#[derive(Clone)]
+struct Responder(Arc<Mutex<Option<SendResponse<Bytes>>>>);
+
+impl Responder {
+    fn new(respond: SendResponse<Bytes>) -> Self {
+        Responder(Arc::new(Mutex::new(Some(respond))))
+    }
+
+    fn take(&self) -> Option<SendResponse<Bytes>> {
+        self.slot().take()
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Option<SendResponse<Bytes>>> {
+        // The slot holds no invariant a panic elsewhere could break.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Resolves once the client resets the stream, or the connection ends, while the CONNECT is still
+    /// unanswered. Never resolves once it was answered: from then on the `HboneStream` reports resets.
+    async fn abandoned(&self) {
+        std::future::poll_fn(|cx| match self.slot().as_mut() {
+            Some(respond) => respond.poll_reset(cx).map(|_reset_or_gone| ()),
+            None => Poll::Pending,
+        })
+        .await
+    }
 }
 
 impl InboundTunnel {
@@ -314,13 +347,14 @@ where
                 Cow::Owned(TlsAcceptor::from(config))
             }
         };
-        let tls_stream = tokio::time::timeout_at(deadline, acceptor.accept(io))
-            .await
-            .map_err(|_| timed_out("TLS handshake"))?
-            .map_err(|source| HboneError::Tls {
-                addr: peer_addr,
-                source,
-            })?;
+        let tls_stream =
+            tokio::time::timeout_at(deadline, acceptor.accept(crate::readahead::ReadAhead::new(io)))
+                .await
+                .map_err(|_| timed_out("TLS handshake"))?
+                .map_err(|source| HboneError::Tls {
+                    addr: peer_addr,
+                    source,
+                })?;
         if tls_stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::NoH2Alpn { addr: peer_addr });
         }
@@ -401,16 +435,27 @@ async fn handle_stream<S>(
             return;
         }
     };
+    let responder = Responder::new(respond);
     let tunnel = InboundTunnel {
         peer: context.peer,
         peer_addr: context.peer_addr,
         local_addr: context.local_addr,
         target,
         headers: parts.headers,
-        respond: Some(respond),
+        respond: responder.clone(),
         body: Some(body),
     };
-    let Ok(()) = service.oneshot(tunnel).await;
+    // h2 frees a stream's concurrency slot as soon as the client resets it, so without this a client could
+    // open and reset CONNECTs faster than the service finishes them (a policy check, a 10 s upstream
+    // connect) and the abandoned work would pile up with no limit at all.
+    tokio::select! {
+        answered = service.oneshot(tunnel) => {
+            let Ok(()) = answered;
+        }
+        () = responder.abandoned() => {
+            tracing::debug!(peer_addr = %context.peer_addr, "CONNECT abandoned before its answer, dropping its work");
+        }
+    }
 }
 
 /// The protocol checks; `Err` carries the reason for the log.

@@ -3,22 +3,31 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::telemetry::ConnectionRecord;
 
-/// Per-direction buffer of [`copy_bidirectional`]. Small on purpose: an idle proxied connection should
-/// cost little memory (the target is 10 KB per idle tunnelled connection, issue "benchmarks"), and the
-/// HBONE side already batches into large HTTP/2 frames.
-pub const COPY_BUFFER_BYTES: usize = 8 * 1024;
+/// Where each direction's read buffer starts: enough for a typical request or response in one read.
+pub const INITIAL_COPY_BUFFER_BYTES: usize = 16 * 1024;
+
+/// The most a direction's read buffer grows to under bulk transfer. Large reads mean few system calls,
+/// large HTTP/2 DATA frames and full TLS records, which is where bulk throughput comes from.
+pub const MAX_COPY_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Copies both ways between `client` (the side the connection came from) and `upstream` until both
 /// directions end, adding to `record`'s counters as bytes move: client -> upstream is "sent",
 /// upstream -> client is "received". An orderly end of one direction (EOF) is passed on as a half-close
 /// (`shutdown`, which HBONE carries as END_STREAM); an error on either side ends the copy with that error,
 /// and the caller drops both sides (an `HboneStream` dropped before its end resets the stream).
+///
+/// Buffers adapt to the traffic: each direction reads into a buffer of
+/// [`INITIAL_COPY_BUFFER_BYTES`] that grows fourfold whenever a read fills it, up to
+/// [`MAX_COPY_BUFFER_BYTES`], and shrinks back when reads turn small. A buffer exists only while a
+/// direction has bytes in hand: when its side has nothing to read, the memory is released, so an idle
+/// proxied connection holds no copy buffer at all.
 pub async fn copy_bidirectional<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -28,19 +37,18 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     U: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut client = Counted {
-        inner: client,
-        record,
-        direction: Direction::Sent,
-    };
-    let mut upstream = Counted {
-        inner: upstream,
-        record,
-        direction: Direction::Received,
-    };
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER_BYTES, COPY_BUFFER_BYTES)
-        .await
-        .map(|_| ())
+    let mut sent = OneWay::new(Direction::Sent);
+    let mut received = OneWay::new(Direction::Received);
+    std::future::poll_fn(|cx| {
+        let to_upstream = sent.poll_copy(cx, &mut *client, &mut *upstream, record)?;
+        let to_client = received.poll_copy(cx, &mut *upstream, &mut *client, record)?;
+        if to_upstream.is_ready() && to_client.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 #[derive(Clone, Copy)]
@@ -49,52 +57,92 @@ enum Direction {
     Received,
 }
 
-/// Counts what is read from the wrapped side into the record.
-struct Counted<'a, S: ?Sized> {
-    inner: &'a mut S,
-    record: &'a ConnectionRecord,
+/// One direction of the copy.
+struct OneWay {
     direction: Direction,
+    /// Bytes read and not all written yet; no capacity while the reader is idle.
+    buf: BytesMut,
+    /// How much of `buf` the writer has taken.
+    written: usize,
+    /// The capacity the next read asks for.
+    size: usize,
+    read_eof: bool,
+    /// Bytes were written since the last flush.
+    need_flush: bool,
+    done: bool,
 }
 
-impl<S: AsyncRead + Unpin + ?Sized> AsyncRead for Counted<'_, S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut *this.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        if read > 0 {
-            match this.direction {
-                Direction::Sent => this.record.add_sent(read),
-                Direction::Received => this.record.add_received(read),
+impl OneWay {
+    fn new(direction: Direction) -> Self {
+        OneWay {
+            direction,
+            buf: BytesMut::new(),
+            written: 0,
+            size: INITIAL_COPY_BUFFER_BYTES,
+            read_eof: false,
+            need_flush: false,
+            done: false,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        record: &ConnectionRecord,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while self.written < self.buf.len() {
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, &self.buf[self.written..]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.written += n;
+                self.need_flush = true;
+            }
+            if self.read_eof {
+                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                self.buf = BytesMut::new();
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.buf.clear();
+            self.written = 0;
+            self.buf.reserve(self.size);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut self.buf) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    // Nothing to read for now, perhaps for a long time: hold no memory meanwhile.
+                    self.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(0)) => self.read_eof = true,
+                Poll::Ready(Ok(n)) => {
+                    match self.direction {
+                        Direction::Sent => record.add_sent(n as u64),
+                        Direction::Received => record.add_received(n as u64),
+                    }
+                    if n >= self.size {
+                        self.size = (self.size * 4).min(MAX_COPY_BUFFER_BYTES);
+                    } else if n < INITIAL_COPY_BUFFER_BYTES / 4 {
+                        self.size = INITIAL_COPY_BUFFER_BYTES;
+                    }
+                }
             }
         }
-        poll
-    }
-}
-
-impl<S: AsyncWrite + Unpin + ?Sized> AsyncWrite for Counted<'_, S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 
@@ -140,5 +188,45 @@ mod tests {
         forwarding.await.unwrap().unwrap();
         assert_eq!(record.sent(), 100_000);
         assert_eq!(record.received(), 4);
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_under_bulk_shrink_for_small_reads_and_go_when_idle() {
+        let record = ConnectionRecord::new(
+            Reporter::Source,
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let (mut app, mut reader) = tokio::io::duplex(4 * MAX_COPY_BUFFER_BYTES);
+        let (mut writer, mut peer) = tokio::io::duplex(4 * MAX_COPY_BUFFER_BYTES);
+        let mut one_way = OneWay::new(Direction::Sent);
+        let mut poll_once = |one_way: &mut OneWay, reader: &mut tokio::io::DuplexStream| {
+            let waker = std::task::Waker::noop();
+            let mut cx = Context::from_waker(waker);
+            one_way.poll_copy(&mut cx, reader, &mut writer, &record)
+        };
+        // Bulk: several reads that fill the buffer take it to the maximum.
+        app.write_all(&vec![1u8; 2 * MAX_COPY_BUFFER_BYTES])
+            .await
+            .unwrap();
+        assert!(poll_once(&mut one_way, &mut reader).is_pending());
+        assert_eq!(one_way.size, MAX_COPY_BUFFER_BYTES);
+        assert_eq!(
+            one_way.buf.capacity(),
+            0,
+            "an idle reader leaves no buffer behind"
+        );
+        let mut copied = vec![0u8; 2 * MAX_COPY_BUFFER_BYTES];
+        peer.read_exact(&mut copied).await.unwrap();
+        assert!(copied.iter().all(|&b| b == 1));
+        // A small read brings the next buffer back to the initial size.
+        app.write_all(b"ping").await.unwrap();
+        assert!(poll_once(&mut one_way, &mut reader).is_pending());
+        assert_eq!(one_way.size, INITIAL_COPY_BUFFER_BYTES);
+        assert_eq!(one_way.buf.capacity(), 0);
+        let mut ping = [0u8; 4];
+        peer.read_exact(&mut ping).await.unwrap();
+        assert_eq!(&ping, b"ping");
+        assert_eq!(record.sent(), 2 * MAX_COPY_BUFFER_BYTES as u64 + 4);
     }
 }

@@ -331,7 +331,7 @@ impl Socks5 {
         } else {
             Passthrough::Refuse
         };
-        let connection = match self.outbound.connect(peer, destination, passthrough).await {
+        let connection = match Box::pin(self.outbound.connect(peer, destination, passthrough)).await {
             Ok(connection) => connection,
             Err(error) => {
                 self.reply(&mut stream, reply_for(&error)).await;

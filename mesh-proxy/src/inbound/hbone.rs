@@ -117,7 +117,8 @@ impl Inbound {
             source_ip: peer_addr.ip(),
             destination: destination.upstream,
         };
-        let admitted = match core.admit(&destination, tracked, peer_addr).await {
+        // Boxed so the connect's future state is freed once connected, not held for the tunnel's life.
+        let admitted = match Box::pin(core.admit(&destination, tracked, peer_addr)).await {
             Ok(admitted) => admitted,
             Err(error) => {
                 core.report_refused(&record, &error);

@@ -79,7 +79,7 @@ impl InboundPlaintext {
             source_ip: peer_addr.ip(),
             destination: destination.upstream,
         };
-        let mut admitted = match core.admit(&destination, tracked, peer_addr).await {
+        let mut admitted = match Box::pin(core.admit(&destination, tracked, peer_addr)).await {
             Ok(admitted) => admitted,
             Err(error) => {
                 core.report_refused(&record, &error);

@@ -163,7 +163,9 @@ impl Outbound {
         peer: SocketAddr,
         destination: SocketAddr,
     ) -> Result<(), ProxyError> {
-        let connection = self.connect(peer, destination, Passthrough::Allow).await?;
+        // Boxed: connecting (TLS and HTTP/2 handshakes included) takes several kilobytes of future
+        // state, which would otherwise stay part of this future for the connection's whole life.
+        let connection = Box::pin(self.connect(peer, destination, Passthrough::Allow)).await?;
         connection.forward(&mut client).await
     }
 
