@@ -793,3 +793,42 @@ async fn readiness_can_wait_for_the_snapshot_built_from_the_first_push() {
     assert_eq!(snapshot.service_count(), 1);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn publish_policies_sends_the_held_set_and_every_change() {
+    let publisher = ResourcePublisher::new(resources_from_mesh(
+        &[workload("a", "198.18.0.1")],
+        &[],
+        &[policy("p1")],
+    ));
+    let server = TestServer::start(publisher.clone(), AdsLimits::default()).await;
+    let client = start_client(server.addr, false);
+    let (sets_tx, mut sets) = tokio::sync::watch::channel(Arc::new(mesh_policy::L4PolicySet::default()));
+    tokio::spawn(mesh_xds::client::publish_policies(
+        client.policies.clone(),
+        sets_tx,
+    ));
+    async fn wait_for(sets: &tokio::sync::watch::Receiver<Arc<mesh_policy::L4PolicySet>>, want: &[&str]) {
+        let mut sets = sets.clone();
+        let names = |set: &mesh_policy::L4PolicySet| {
+            let mut names: Vec<String> = set.iter().map(|policy| policy.name.to_string()).collect();
+            names.sort();
+            names
+        };
+        tokio::time::timeout(WAIT, sets.wait_for(|set| names(set) == want))
+            .await
+            .unwrap_or_else(|_| panic!("no policy set with {want:?}"))
+            .unwrap();
+    }
+    wait_for(&sets, &["p1"]).await;
+    publisher.publish(resources_from_mesh(
+        &[workload("a", "198.18.0.1")],
+        &[],
+        &[policy("p1"), policy("p2")],
+    ));
+    wait_for(&sets, &["p1", "p2"]).await;
+    publisher.publish(resources_from_mesh(&[workload("a", "198.18.0.1")], &[], &[]));
+    wait_for(&sets, &[]).await;
+    assert!(sets.borrow_and_update().is_empty());
+    server.stop().await;
+}

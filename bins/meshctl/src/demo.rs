@@ -24,7 +24,7 @@ use mesh_hbone::{
 };
 use mesh_policy::authz::ConnectionAttrs;
 use mesh_policy::{L4PolicySet, L4Target};
-use mesh_xds::client::{AdsClientBuilder, Watch, ZtunnelNode, publish_snapshots};
+use mesh_xds::client::{AdsClientBuilder, ZtunnelNode, publish_policies, publish_snapshots};
 use mesh_xds::server::{Server, ServerConfig};
 use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
 use mesh_xds::{IstioCaConfig, IstioCaSigner, XdsAddress, XdsAuthorization};
@@ -144,7 +144,8 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let snapshots = SnapshotPublisher::new();
     let mesh = snapshots.subscribe();
     tokio::spawn(publish_snapshots(addresses, snapshots));
-    let policy_set = follow_policies(policies);
+    let (policy_tx, policy_set) = watch::channel(Arc::new(L4PolicySet::default()));
+    tokio::spawn(publish_policies(policies, policy_tx));
     tokio::time::timeout(Duration::from_secs(10), handle.wait_ready()).await??;
     // Ready means the ADS client holds the first push; the snapshot and the policy set are derived from it
     // by their own tasks, so wait for them to catch up with what the control plane serves.
@@ -290,25 +291,6 @@ pub(crate) async fn run(args: DemoArgs) -> DemoResult<()> {
     let _ = ads_task.await;
     control_plane.shutdown().await;
     Ok(())
-}
-
-/// Keeps an up-to-date [`L4PolicySet`] built from the pushed `Authorization` resources.
-fn follow_policies(mut policies: Watch<XdsAuthorization>) -> watch::Receiver<Arc<L4PolicySet>> {
-    let (tx, rx) = watch::channel(Arc::new(L4PolicySet::default()));
-    tokio::spawn(async move {
-        let mut current = policies.current();
-        loop {
-            let set = L4PolicySet::new(current.iter().map(|(_, policy)| policy.clone()));
-            if tx.send(Arc::new(set)).is_err() {
-                return;
-            }
-            match policies.changed().await {
-                Some(next) => current = next,
-                None => return,
-            }
-        }
-    });
-    rx
 }
 
 /// The server side of each tunnel: authorize at L4 with the pushed policies, as ztunnel does, then echo

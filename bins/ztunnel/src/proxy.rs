@@ -28,7 +28,9 @@ use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::socks5::{Socks5, Socks5Config};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::{ConnectionObserver, Observers};
-use mesh_xds::client::{AdsClientBuilder, AdsHandle, ZtunnelNode, publish_snapshots_reporting};
+use mesh_xds::client::{
+    AdsClientBuilder, AdsHandle, ZtunnelNode, publish_policies, publish_snapshots_reporting,
+};
 use mesh_xds::transport::{CallCredentials, GrpcClientConfig, TokenSource, connect_lazy};
 use mesh_xds::{
     IstioCaConfig, IstioCaSigner, LocalConfig, LocalOptions, LocalWatcher, WorkloadApiCertProvider,
@@ -548,7 +550,7 @@ async fn start_config_source(
             };
             let mut builder = AdsClientBuilder::new(node.to_proto());
             let addresses = builder.watch::<XdsAddress>();
-            let mut policies = builder.watch::<XdsAuthorization>();
+            let policies = builder.watch::<XdsAuthorization>();
             let (client, handle) = builder.build(connect_lazy(&grpc)?, credentials(config)?);
             ads = Some(handle.clone());
             let stopping = drain.clone();
@@ -560,18 +562,7 @@ async fn start_config_source(
                 snapshots,
                 built_tx,
             ));
-            tokio::spawn(async move {
-                loop {
-                    let current = policies.current();
-                    let set = L4PolicySet::new(current.iter().map(|(_, policy)| policy.clone()));
-                    if policies_tx.send(Arc::new(set)).is_err() {
-                        return;
-                    }
-                    if policies.changed().await.is_none() {
-                        return;
-                    }
-                }
-            });
+            tokio::spawn(publish_policies(policies, policies_tx));
             tokio::spawn(async move {
                 if handle.wait_ready().await.is_ok() {
                     // Ready once the snapshot built from the first push is published (the ADS client is

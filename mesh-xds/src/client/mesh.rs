@@ -1,10 +1,13 @@
-//! From xDS resources to the [`MeshSnapshot`] the proxies read.
+//! From xDS resources to what the proxies read: the [`MeshSnapshot`] and the [`L4PolicySet`].
+
+use std::sync::Arc;
 
 use mesh_core::model::{MeshSnapshot, ModelError, SnapshotPublisher};
+use mesh_policy::L4PolicySet;
 use tokio::sync::watch;
 
 use super::{Resources, Watch};
-use crate::XdsAddress;
+use crate::{XdsAddress, XdsAuthorization};
 
 /// Builds a snapshot from the `Address` resources held, leniently: a conflict (two workloads claiming one
 /// IP while a removal is in flight, say) sets the later claim aside instead of stopping every update. In
@@ -75,6 +78,27 @@ pub async fn publish_snapshots_reporting(
         built_from.send_replace(current.revision());
         tracing::debug!(version, resources = current.len(), "mesh snapshot published");
         match addresses.changed().await {
+            Some(next) => current = next,
+            None => return,
+        }
+    }
+}
+
+/// Sends a new [`L4PolicySet`] built from the `Authorization` resources held each time they change, until
+/// the ADS client or every receiver of `policies` is gone. Run it as a task beside
+/// [`AdsClient::run`](super::AdsClient::run), next to [`publish_snapshots`]. The set held when this starts
+/// is sent at once, so receivers never wait for a change to see the first push.
+pub async fn publish_policies(
+    mut authorizations: Watch<XdsAuthorization>,
+    policies: watch::Sender<Arc<L4PolicySet>>,
+) {
+    let mut current = authorizations.current();
+    loop {
+        let set = L4PolicySet::new(current.iter().map(|(_, policy)| policy.clone()));
+        if policies.send(Arc::new(set)).is_err() {
+            return;
+        }
+        match authorizations.changed().await {
             Some(next) => current = next,
             None => return,
         }

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::service::Interceptor;
 use tonic::transport::Channel;
 
-pub use mesh::{publish_snapshots, publish_snapshots_reporting, snapshot_from_addresses};
+pub use mesh::{publish_policies, publish_snapshots, publish_snapshots_reporting, snapshot_from_addresses};
 pub use store::{Resource, Resources, Watch};
 use store::{TypeStore, TypedStore};
 
