@@ -3,10 +3,11 @@
 //! `/proc`. The server proxy's connection counter says which path each run took, and a run that took the
 //! wrong one is an error, not a figure.
 
-use std::path::Path;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::fixedrate::{self, FixedRateOutput, Plan};
 use crate::procfs::Sample;
 use crate::setup::{self, Tools};
 use crate::topology::{ChildGuard, IPERF_PORT, SERVER_IP, Topology};
@@ -35,6 +36,14 @@ pub(crate) enum Kind {
     },
     /// `iperf3 -J`, one stream, client to server.
     Iperf,
+    /// Our fixed-rate generator (`fixedrate`) against the echo server: 1 KiB requests and answers,
+    /// latency from each request's due time.
+    FixedRate {
+        /// Requests per second over all connections.
+        rate_per_second: u32,
+        /// Connections, each with its share of the timetable.
+        connections: u32,
+    },
 }
 
 /// One named load.
@@ -48,7 +57,7 @@ pub(crate) struct Load {
 
 /// The loads, in the order they run. Bulk comes first, so that the proxies' `VmHWM` after it is the peak
 /// of the bulk transfer (the "peak during bulk"), not of a later load.
-pub(crate) const LOADS: [Load; 4] = [
+pub(crate) const LOADS: [Load; 5] = [
     Load {
         name: "iperf3, 1 stream",
         kind: Kind::Iperf,
@@ -75,6 +84,13 @@ pub(crate) const LOADS: [Load; 4] = [
             connections: 16,
             threads: 2,
             close: true,
+        },
+    },
+    Load {
+        name: "fixed rate 1,000 req/s, 4 conns",
+        kind: Kind::FixedRate {
+            rate_per_second: 1000,
+            connections: 4,
         },
     },
 ];
@@ -114,6 +130,8 @@ pub(crate) enum Output {
     Wrk(WrkOutput),
     /// From iperf3.
     Iperf(IperfOutput),
+    /// From our fixed-rate generator.
+    FixedRate(FixedRateOutput),
 }
 
 /// One proxy during one run.
@@ -240,6 +258,12 @@ impl LoadResult {
         let figure = |run: &Run| match &run.output {
             Output::Wrk(wrk) => format!("{:.0} req/s", wrk.requests_per_second),
             Output::Iperf(iperf) => format!("{:.2} Gbit/s", iperf.bits_per_second / 1e9),
+            Output::FixedRate(fixed) => format!(
+                "{:.0} req/s, p50 {} µs, p99 {} µs",
+                fixed.achieved_per_second,
+                fixed.latency_at(50.0),
+                fixed.latency_at(99.0)
+            ),
         };
         format!(
             "direct {}, mesh {} ({} connections through the server proxy, {} new HBONE connections)",
@@ -265,49 +289,31 @@ async fn measure(
     through_mesh: bool,
 ) -> Result<Run> {
     let path = if through_mesh { "mesh" } else { "direct" };
-    let output_file = topology
-        .dir
-        .path()
-        .join(format!("{}-{path}.out", file_stem(load.name)));
     let connections_before = topology.mesh_connections()?;
     let hbone_before = topology.hbone_connections()?;
     let before = sample_both(topology)?;
     let mut rss_max = [0u64; 2];
-    let mut child = spawn(topology, load, duration, &output_file)?;
+    let mut generator = Generator::start(topology, load, duration, path)?;
     let deadline = Instant::now() + duration + GRACE;
-    let status = loop {
+    loop {
         let now = sample_both(topology)?;
         for (max, sample) in rss_max.iter_mut().zip(now) {
             *max = (*max).max(sample.rss_kib);
         }
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| Error::Load(format!("waiting for {}: {e}", load.name)))?
-        {
-            break status;
+        if generator.finished(load)? {
+            break;
         }
         if Instant::now() >= deadline {
             return Err(Error::Load(format!(
-                "{} ({path}) did not finish within {:?}; killed",
+                "{} ({path}) did not finish within {:?}; stopped",
                 load.name,
                 duration + GRACE
             )));
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
-    };
-    let after = sample_both(topology)?;
-    let text = std::fs::read_to_string(&output_file)
-        .map_err(|e| Error::Io(format!("reading {}", output_file.display()), e))?;
-    let output = match load.kind {
-        Kind::Wrk { .. } => parse_wrk(&text).map(Output::Wrk),
-        Kind::Iperf => parse_iperf3(&text).map(Output::Iperf),
     }
-    .map_err(|why| {
-        Error::Load(format!(
-            "{} ({path}) exited with {status}; its output: {why}\n{text}",
-            load.name
-        ))
-    })?;
+    let after = sample_both(topology)?;
+    let output = generator.output(load, path)?;
     let mesh_connections = topology.mesh_connections()? - connections_before;
     let hbone_connections = topology.hbone_connections()?.saturating_sub(hbone_before);
     if through_mesh && mesh_connections < 1.0 {
@@ -341,7 +347,98 @@ async fn measure(
     })
 }
 
-/// Starts the load's generator in the client node, its stdout going to `output_file`.
+/// A load generator while it runs: a process (wrk, iperf3) writing its report to a file, or our
+/// fixed-rate generator on threads of this process. Dropping it kills the process or tells the threads
+/// to stop.
+enum Generator {
+    /// A program started in the client node.
+    Process {
+        child: ChildGuard,
+        output_file: PathBuf,
+        status: Option<ExitStatus>,
+    },
+    /// `fixedrate`'s generator.
+    InProcess(fixedrate::Running),
+}
+
+impl Generator {
+    /// Starts `load`'s generator in the client node for `duration`; `path` ("direct" or "mesh") names
+    /// its output file.
+    fn start(topology: &Topology, load: &Load, duration: Duration, path: &str) -> Result<Generator> {
+        match load.kind {
+            Kind::FixedRate {
+                rate_per_second,
+                connections,
+            } => {
+                let plan = Plan {
+                    rate_per_second,
+                    connections,
+                    warm_up: fixedrate::WARM_UP,
+                    duration,
+                    answer_timeout: fixedrate::ANSWER_TIMEOUT,
+                };
+                let running = fixedrate::Running::start(&topology.client, topology.echo_addr(), plan)?;
+                Ok(Generator::InProcess(running))
+            }
+            Kind::Wrk { .. } | Kind::Iperf => {
+                let output_file = topology
+                    .dir
+                    .path()
+                    .join(format!("{}-{path}.out", file_stem(load.name)));
+                let child = spawn(topology, load, duration, &output_file)?;
+                Ok(Generator::Process {
+                    child,
+                    output_file,
+                    status: None,
+                })
+            }
+        }
+    }
+
+    /// Whether it has finished.
+    fn finished(&mut self, load: &Load) -> Result<bool> {
+        match self {
+            Generator::Process { child, status, .. } => {
+                if status.is_none() {
+                    *status = child
+                        .try_wait()
+                        .map_err(|e| Error::Load(format!("waiting for {}: {e}", load.name)))?;
+                }
+                Ok(status.is_some())
+            }
+            Generator::InProcess(running) => Ok(running.is_finished()),
+        }
+    }
+
+    /// What the finished generator measured.
+    fn output(self, load: &Load, path: &str) -> Result<Output> {
+        match self {
+            Generator::Process {
+                output_file, status, ..
+            } => {
+                let text = std::fs::read_to_string(&output_file)
+                    .map_err(|e| Error::Io(format!("reading {}", output_file.display()), e))?;
+                let parsed = match load.kind {
+                    Kind::Iperf => parse_iperf3(&text).map(Output::Iperf),
+                    _ => parse_wrk(&text).map(Output::Wrk),
+                };
+                parsed.map_err(|why| {
+                    let status = status.map_or_else(|| "no status".to_owned(), |s| s.to_string());
+                    Error::Load(format!(
+                        "{} ({path}) exited with {status}; its output: {why}\n{text}",
+                        load.name
+                    ))
+                })
+            }
+            Generator::InProcess(running) => running
+                .join()
+                .map(Output::FixedRate)
+                .map_err(|why| Error::Load(format!("{} ({path}): {why}", load.name))),
+        }
+    }
+}
+
+/// Starts a wrk or iperf3 load in the client node, its stdout going to `output_file`.
 fn spawn(topology: &Topology, load: &Load, duration: Duration, output_file: &Path) -> Result<ChildGuard> {
     let out = std::fs::File::create(output_file)
         .map_err(|e| Error::Io(format!("creating {}", output_file.display()), e))?;
@@ -384,6 +481,12 @@ fn spawn(topology: &Topology, load: &Load, duration: Duration, output_file: &Pat
                 "5000",
             ]);
             command
+        }
+        Kind::FixedRate { .. } => {
+            return Err(Error::Load(format!(
+                "{} runs in this process, not as a program",
+                load.name
+            )));
         }
     };
     command.stdin(Stdio::null()).stdout(out).stderr(err);

@@ -1,6 +1,7 @@
 //! # meshbench: our ztunnel end to end, against the same path without it
 //!
-//! `cargo run -p meshkit-benches --release --bin meshbench -- [--quick] [--json FILE] [--ztunnel PATH]`
+//! `cargo run -p meshkit-benches --release --bin meshbench -- [--quick] [--json FILE] [--plot FILE.svg]
+//! [--ztunnel PATH]`
 //! (as root). One command measures what issue 7 asks of the data plane, as ratios against a baseline
 //! measured in the same run:
 //!
@@ -11,32 +12,35 @@
 //! 2. **Topology** (`topology`): namespaces "client" (10.10.0.1) and "server" (10.10.0.2) joined by a veth;
 //!    our ztunnel in each (dedicated mode: one workload per proxy); the local control plane
 //!    (`mesh_xds::server::Server`, static tokens) on a thread joined to the server namespace; an HTTP/1.1
-//!    keep-alive server (`http`, `GET /` answers 200 with 1 KiB) and `iperf3 -s` in the server
-//!    namespace. In the client namespace iptables REDIRECTs the application's traffic to 15001; the
+//!    keep-alive server (`http`, `GET /` answers 200 with 1 KiB), an echo server (`fixedrate`, each
+//!    1 KiB request answered with itself) and `iperf3 -s` in the server namespace. In the client namespace iptables REDIRECTs the application's traffic to 15001; the
 //!    baseline runs with that one rule removed, so the same client reaches the same server directly over the
 //!    veth. Each measurement checks the server proxy's connection counter to prove which path it took.
 //! 3. **Loads** (`load`), each bounded in time (10 s, 3 s with `--quick`) and run direct, then through the
 //!    mesh: `wrk --latency` keep-alive with 1 and 64 connections, `wrk` with `Connection: close` and 16
-//!    connections, and `iperf3 -J` with one stream. Before them: the proxies' idle memory, and the memory
+//!    connections, `iperf3 -J` with one stream, and our fixed-rate generator (`fixedrate`: 1,000
+//!    requests/s of 1 KiB over 4 connections, latency from each request's due time, so without
+//!    coordinated omission, in an HdrHistogram; after a 1 s warm-up). Before them: the proxies' idle memory, and the memory
 //!    each idle tunnelled connection costs (500 connections held open through the mesh).
 //! 4. **Report** (`report`): requests/s or Gbit/s, p50/p99, the ratio to the baseline, CPU of both
 //!    proxies per 1,000 requests or per GB (from `/proc/<pid>/stat`, see `procfs`), each proxy's RSS idle,
-//!    under load and at peak, the issue's targets beside our figures, and the machine; as a table, and as
-//!    JSON with `--json FILE`.
+//!    under load and at peak, the fixed-rate load's p50/p90/p99/p99.9/max, the issue's targets beside our
+//!    figures, and the machine; as a table, as JSON with `--json FILE`, and with `--plot FILE.svg` as a
+//!    chart of the fixed-rate load's latency by percentile, direct and mesh (`plot`).
 //! 5. **Cleanup**: every namespace, process, rule and file belongs to a guard that removes it when dropped,
 //!    on success, on error, and on Ctrl-C or SIGTERM (the signal ends the run at its next step and the
 //!    guards run).
 //!
-//! Not here yet (the next slice of issue 7): the fixed-rate request/response generator that records
-//! latency without coordinated omission in an HdrHistogram, and `--plot` for a latency-distribution chart.
-//! `wrk`'s percentiles are what this tool reports today, and `wrk` is a closed-loop generator: its
-//! latencies are the ones a saturated client sees, not those of a fixed request rate.
+//! `wrk` is a closed-loop generator: its latencies are the ones a saturated client sees. The fixed-rate
+//! load's are those of a steady, moderate request rate, which is what most services see.
 //!
 //! Results and how to read them: `docs/performance.md`, section "End to end (meshbench)".
 #![forbid(unsafe_code)]
 
+mod fixedrate;
 mod http;
 mod load;
+mod plot;
 mod procfs;
 mod report;
 mod setup;
@@ -92,12 +96,14 @@ pub(crate) struct Args {
     pub(crate) quick: bool,
     /// Where to write the JSON report.
     pub(crate) json: Option<PathBuf>,
+    /// Where to write the fixed-rate load's latency chart (SVG).
+    pub(crate) plot: Option<PathBuf>,
     /// A ztunnel binary to use instead of building one.
     pub(crate) ztunnel: Option<PathBuf>,
 }
 
 const USAGE: &str = "\
-usage: meshbench [--quick] [--json FILE] [--ztunnel PATH]
+usage: meshbench [--quick] [--json FILE] [--plot FILE.svg] [--ztunnel PATH]
 
 Measures our ztunnel end to end in two network namespaces against the same path
 without it (see docs/performance.md). Needs root; installs wrk and iperf3 with
@@ -106,6 +112,8 @@ apt-get when they are missing; builds the proxy with
 
   --quick         3-second loads instead of 10
   --json FILE     also write the results as JSON to FILE
+  --plot FILE.svg also write the fixed-rate load's latency by percentile,
+                  direct and mesh, as an SVG chart to FILE.svg
   --ztunnel PATH  use this ztunnel binary instead of building one";
 
 impl Args {
@@ -114,6 +122,7 @@ impl Args {
             duration: Duration::from_secs(10),
             quick: false,
             json: None,
+            plot: None,
             ztunnel: None,
         };
         while let Some(arg) = args.next() {
@@ -125,6 +134,20 @@ impl Args {
                 "--json" => {
                     let file = args.next().ok_or("--json needs a file name")?;
                     parsed.json = Some(PathBuf::from(file));
+                }
+                "--plot" => {
+                    let file = PathBuf::from(args.next().ok_or("--plot needs a file name")?);
+                    // Only the SVG backend is built in (no bitmap encoder, no font libraries).
+                    if file
+                        .extension()
+                        .is_none_or(|ext| !ext.eq_ignore_ascii_case("svg"))
+                    {
+                        return Err(format!(
+                            "--plot writes SVG: give a file name ending in .svg, not {}",
+                            file.display()
+                        ));
+                    }
+                    parsed.plot = Some(file);
                 }
                 "--ztunnel" => {
                     let path = args.next().ok_or("--ztunnel needs a path")?;
@@ -218,12 +241,20 @@ async fn run(args: &Args) -> Result<()> {
     let mut topology = topology::Topology::start(&tools).await?;
     println!("meshbench: topology up (client 10.10.0.1 -> server 10.10.0.2, both proxies ready)");
     let results = load::run_all(&mut topology, &tools, args).await?;
+    let chart = match &args.plot {
+        Some(path) => Some((path, plot::fixed_rate_chart(&results).map_err(Error::Load)?)),
+        None => None,
+    };
     let report = report::Report::new(args, &machine, &tools, results);
     println!("{}", report.table());
     if let Some(path) = &args.json {
         std::fs::write(path, report.json())
             .map_err(|e| Error::Io(format!("writing {}", path.display()), e))?;
         println!("meshbench: JSON written to {}", path.display());
+    }
+    if let Some((path, svg)) = chart {
+        std::fs::write(path, svg).map_err(|e| Error::Io(format!("writing {}", path.display()), e))?;
+        println!("meshbench: latency chart written to {}", path.display());
     }
     drop(topology);
     Ok(())
@@ -244,6 +275,17 @@ mod tests {
         assert!(args.quick);
         assert_eq!(args.json, Some(PathBuf::from("out.json")));
         assert_eq!(parse(&[]).unwrap().duration, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn plot_takes_an_svg_file_and_refuses_other_formats() {
+        let args = parse(&["--plot", "out/latency.SVG"]).unwrap();
+        assert_eq!(args.plot, Some(PathBuf::from("out/latency.SVG")));
+        assert!(parse(&[]).unwrap().plot.is_none());
+        let error = parse(&["--plot", "latency.png"]).unwrap_err();
+        assert!(error.contains(".svg") && error.contains("latency.png"), "{error}");
+        assert!(parse(&["--plot", "latency"]).unwrap_err().contains(".svg"));
+        assert!(parse(&["--plot"]).unwrap_err().contains("--plot"));
     }
 
     #[test]

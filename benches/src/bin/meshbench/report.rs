@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use serde_json::{Value, json};
 
 use crate::Args;
+use crate::fixedrate::{self, FixedRateOutput};
 use crate::load::{IdleConnections, Kind, LoadResult, Output, ProxyUse, Results, Run};
 use crate::setup::{Machine, Tools};
 
@@ -74,6 +75,13 @@ fn derive(result: &LoadResult) -> Derived {
             cpu_per_unit: cpu_seconds / (mesh.bytes.max(1) as f64 / 1e9),
             added_p50_us: None,
         },
+        // At a fixed rate the ratio says whether the mesh kept up; the latencies are the figures.
+        (Output::FixedRate(direct), Output::FixedRate(mesh)) => Derived {
+            ratio: mesh.achieved_per_second / direct.achieved_per_second,
+            cpu_seconds,
+            cpu_per_unit: cpu_seconds * 1e3 / (mesh.requests.max(1) as f64 / 1e3),
+            added_p50_us: Some(mesh.latency_at(50.0) as f64 - direct.latency_at(50.0) as f64),
+        },
         // Both runs of a load use the same generator.
         _ => Derived {
             ratio: f64::NAN,
@@ -93,6 +101,9 @@ impl Report {
         }
         if let Some(json) = &args.json {
             let _ = write!(command, " --json {}", json.display());
+        }
+        if let Some(plot) = &args.plot {
+            let _ = write!(command, " --plot {}", plot.display());
         }
         if let Some(ztunnel) = &args.ztunnel {
             let _ = write!(command, " --ztunnel {}", ztunnel.display());
@@ -281,18 +292,25 @@ impl Report {
                     format!("{:.0} req/s{errors}", wrk.requests_per_second)
                 }
                 Output::Iperf(iperf) => format!("{:.2} Gbit/s", iperf.bits_per_second / 1e9),
+                Output::FixedRate(fixed) => format!("{:.0} req/s", fixed.achieved_per_second),
             };
-            let latency =
-                |pick: fn(&crate::load::WrkOutput) -> f64| match (&result.direct.output, &result.mesh.output)
-                {
-                    (Output::Wrk(direct), Output::Wrk(mesh)) => {
-                        format!("{:.0} / {:.0} µs", pick(direct), pick(mesh))
-                    }
-                    _ => "-".into(),
-                };
+            let latency = |percentile: f64| match (&result.direct.output, &result.mesh.output) {
+                (Output::Wrk(direct), Output::Wrk(mesh)) => {
+                    let pick = |wrk: &crate::load::WrkOutput| {
+                        if percentile < 90.0 { wrk.p50_us } else { wrk.p99_us }
+                    };
+                    format!("{:.0} / {:.0} µs", pick(direct), pick(mesh))
+                }
+                (Output::FixedRate(direct), Output::FixedRate(mesh)) => format!(
+                    "{} / {} µs",
+                    direct.latency_at(percentile),
+                    mesh.latency_at(percentile)
+                ),
+                _ => "-".into(),
+            };
             let cpu = match result.load.kind {
                 Kind::Iperf => format!("{:.2} s/GB ({:.2} s)", derived.cpu_per_unit, derived.cpu_seconds),
-                Kind::Wrk { .. } => format!(
+                Kind::Wrk { .. } | Kind::FixedRate { .. } => format!(
                     "{:.1} ms/1k req ({:.2} s)",
                     derived.cpu_per_unit, derived.cpu_seconds
                 ),
@@ -311,13 +329,14 @@ impl Report {
                 figure(&result.direct),
                 figure(&result.mesh),
                 derived.ratio * 100.0,
-                latency(|w| w.p50_us),
-                latency(|w| w.p99_us),
+                latency(50.0),
+                latency(99.0),
                 cpu,
                 rss(&result.mesh.client),
                 rss(&result.mesh.server),
             );
         }
+        self.fixed_rate_table(&mut out);
         let idle = &self.results.idle_connections;
         let per = Self::per_idle_connection_kb(idle);
         let _ = writeln!(out);
@@ -356,6 +375,57 @@ impl Report {
         out
     }
 
+    /// The fixed-rate loads' latency distributions, direct and mesh, and what the mesh added.
+    fn fixed_rate_table(&self, out: &mut String) {
+        let fixed: Vec<(&LoadResult, &FixedRateOutput, &FixedRateOutput)> = self
+            .results
+            .loads
+            .iter()
+            .filter_map(|result| match (&result.direct.output, &result.mesh.output) {
+                (Output::FixedRate(direct), Output::FixedRate(mesh)) => Some((result, direct, mesh)),
+                _ => None,
+            })
+            .collect();
+        if fixed.is_empty() {
+            return;
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Fixed rate (our generator): {} KiB requests and answers on a timetable; latency from each request's \
+             due time to its whole answer, in an HdrHistogram (µs, 3 significant digits); the first {} s are \
+             warm-up, not recorded. Timer lag: how late the generator's threads woke for a due request (part \
+             of each latency, the generator's own).",
+            fixedrate::MESSAGE_BYTES / 1024,
+            fixedrate::WARM_UP.as_secs()
+        );
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "| fixed-rate load | path | requests | achieved | p50 | p90 | p99 | p99.9 | max | timer lag p99 |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        for (result, direct, mesh) in fixed {
+            for (path, run) in [("direct", direct), ("mesh", mesh)] {
+                let mut row = format!(
+                    "| {} | {path} | {} | {:.0} req/s |",
+                    result.load.name, run.requests, run.achieved_per_second
+                );
+                for percentile in PERCENTILES {
+                    let _ = write!(row, " {} µs |", run.latency_at(percentile));
+                }
+                let _ = write!(row, " {} µs |", run.timer_lag_us.value_at_percentile(99.0));
+                let _ = writeln!(out, "{row}");
+            }
+            let mut row = format!("| {} | mesh - direct | | |", result.load.name);
+            for percentile in PERCENTILES {
+                let added = mesh.latency_at(percentile) as i64 - direct.latency_at(percentile) as i64;
+                let _ = write!(row, " **{added:+} µs** |");
+            }
+            let _ = writeln!(out, "{row} |");
+        }
+    }
+
     /// The report as JSON.
     pub(crate) fn json(&self) -> String {
         let proxy = |p: &ProxyUse| {
@@ -380,6 +450,7 @@ impl Report {
                     "bits_per_second": i.bits_per_second,
                     "retransmits": i.retransmits,
                 }),
+                Output::FixedRate(f) => fixed_rate_json(f),
             };
             json!({
                 "output": output,
@@ -397,7 +468,7 @@ impl Report {
                 let derived = derive(result);
                 let (per_gb, per_1000) = match result.load.kind {
                     Kind::Iperf => (Some(derived.cpu_per_unit), None),
-                    Kind::Wrk { .. } => (None, Some(derived.cpu_per_unit)),
+                    Kind::Wrk { .. } | Kind::FixedRate { .. } => (None, Some(derived.cpu_per_unit)),
                 };
                 json!({
                     "name": result.load.name,
@@ -460,10 +531,44 @@ impl Report {
     }
 }
 
+/// The percentiles the fixed-rate table shows; 100 is the maximum.
+const PERCENTILES: [f64; 5] = [50.0, 90.0, 99.0, 99.9, 100.0];
+
+/// A fixed-rate run as JSON: its figures, its latency at the table's percentiles, and the distribution
+/// at the points of the `--plot` chart's percentile axis (every 0.1 of a decade), to plot again later.
+fn fixed_rate_json(fixed: &FixedRateOutput) -> Value {
+    let at = |percentile: f64| fixed.latency_at(percentile);
+    let distribution: Vec<Value> = crate::plot::percentile_points(&fixed.latency_us, 10)
+        .into_iter()
+        .map(|(percentile, us)| json!([percentile, us]))
+        .collect();
+    json!({
+        "target_per_second": fixed.target_per_second,
+        "requests": fixed.requests,
+        "achieved_per_second": fixed.achieved_per_second,
+        "latency_us": {
+            "p50": at(50.0),
+            "p90": at(90.0),
+            "p99": at(99.0),
+            "p99.9": at(99.9),
+            "max": fixed.latency_us.max(),
+            "mean": fixed.latency_us.mean(),
+        },
+        "timer_lag_us": {
+            "count": fixed.timer_lag_us.len(),
+            "p50": fixed.timer_lag_us.value_at_percentile(50.0),
+            "p99": fixed.timer_lag_us.value_at_percentile(99.0),
+            "max": fixed.timer_lag_us.max(),
+        },
+        "distribution_percentile_us": distribution,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::load::{IperfOutput, LOADS, WrkOutput};
+    use hdrhistogram::Histogram;
     use std::path::PathBuf;
     use std::time::Duration;
 
@@ -483,6 +588,24 @@ mod tests {
             p99_us: p50_us * 3.0,
             socket_errors: 0,
             non_2xx: 0,
+        })
+    }
+
+    /// 3,000 requests: 2,940 at `base` µs (to p98), 54 at 10x (to p99.8), 6 at 100x. Values below 2,048
+    /// are exact at 3 significant digits; larger ones read back as the top of their bucket.
+    fn fixed(achieved_per_second: f64, base: u64) -> Output {
+        let mut latency_us = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        latency_us.record_n(base, 2_940).unwrap();
+        latency_us.record_n(base * 10, 54).unwrap();
+        latency_us.record_n(base * 100, 6).unwrap();
+        let mut timer_lag_us = Histogram::new_with_bounds(1, 60_000_000, 3).unwrap();
+        timer_lag_us.record_n(5, 3_000).unwrap();
+        Output::FixedRate(FixedRateOutput {
+            target_per_second: 1_000.0,
+            requests: 3_000,
+            achieved_per_second,
+            latency_us,
+            timer_lag_us,
         })
     }
 
@@ -520,11 +643,17 @@ mod tests {
                 direct: run(wrk(50_000.0, 150_000, 900.0), 0.0),
                 mesh: run(wrk(20_000.0, 60_000, 2000.0), 0.9),
             },
+            LoadResult {
+                load: LOADS[4],
+                direct: run(fixed(1_000.0, 10), 0.0),
+                mesh: run(fixed(990.0, 20), 0.6),
+            },
         ];
         let args = Args {
             duration: Duration::from_secs(3),
             quick: true,
             json: Some(PathBuf::from("out.json")),
+            plot: None,
             ztunnel: None,
         };
         let machine = Machine {
@@ -584,9 +713,35 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("--quick --json out.json"), "{table}");
+        // The fixed-rate load: a row in the main table (achieved rate, p50 and p99, CPU per 1,000
+        // requests: 1.2 s over 3,000) and its distribution in its own table.
+        assert!(
+            table.contains(
+                "| fixed rate 1,000 req/s, 4 conns | 1000 req/s | 990 req/s | **99 %** | 10 / 20 µs | 100 / 200 µs | 400.0 ms/1k req"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| fixed rate 1,000 req/s, 4 conns | mesh | 3000 | 990 req/s | 20 µs | 20 µs | 200 µs | 2000 µs | 2000 µs | 5 µs |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| mesh - direct | | | **+10 µs** | **+10 µs** | **+100 µs** | **+1000 µs** | **+1000 µs** | |"),
+            "{table}"
+        );
         let json: Value = serde_json::from_str(&report.json()).unwrap();
         assert_eq!(json["machine"]["cores"], 2);
-        assert_eq!(json["loads"].as_array().unwrap().len(), 3);
+        assert_eq!(json["loads"].as_array().unwrap().len(), 4);
+        let fixed = &json["loads"][3];
+        assert_eq!(fixed["mesh"]["output"]["latency_us"]["p99.9"], 2_000);
+        assert_eq!(fixed["direct"]["output"]["requests"], 3_000);
+        assert_eq!(fixed["added_p50_us"], 10.0);
+        let distribution = fixed["mesh"]["output"]["distribution_percentile_us"]
+            .as_array()
+            .unwrap();
+        assert_eq!(distribution.last().unwrap(), &serde_json::json!([100.0, 2_000]));
         assert_eq!(json["loads"][2]["cpu_ms_per_1000_requests"], 30.0);
         assert_eq!(json["idle_connections"]["count"], 500);
         assert!(

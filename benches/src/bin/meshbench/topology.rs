@@ -19,6 +19,7 @@ use mesh_test::netns::{self, Netns, NetnsError};
 use mesh_xds::ca::{Caller, StaticTokens};
 use mesh_xds::server::{ClientAuth, Server, ServerConfig};
 
+use crate::fixedrate::EchoServer;
 use crate::http::{BODY_BYTES, HttpServer};
 use crate::procfs::{self, Sample};
 use crate::setup::Tools;
@@ -32,8 +33,10 @@ pub(crate) const SERVER_IP: &str = "10.10.0.2";
 pub(crate) const HTTP_PORT: u16 = 8080;
 /// `iperf3 -s`'s port.
 pub(crate) const IPERF_PORT: u16 = 8201;
-/// The destination ports the client node redirects to its proxy (iptables `--dport` syntax); both
-/// upstream ports are in it, the proxies' and the control plane's ports are not.
+/// The fixed-rate load's echo server's port.
+pub(crate) const ECHO_PORT: u16 = 8300;
+/// The destination ports the client node redirects to its proxy (iptables `--dport` syntax); every
+/// upstream port is in it, the proxies' and the control plane's ports are not.
 const CAPTURED_PORTS: &str = "8000:8999";
 /// The mark our ztunnel puts on its own sockets, which the capture leaves alone (Istio's 0x539).
 const PROXY_MARK: &str = "0x539";
@@ -328,6 +331,7 @@ pub(crate) struct Topology {
     pub(crate) server_proxy: Proxy,
     iperf_server: ChildGuard,
     http: HttpServer,
+    echo: EchoServer,
     // Held for its `Drop`: it serves until the topology goes.
     _control_plane: ControlPlane,
     captured: bool,
@@ -367,6 +371,10 @@ impl Topology {
             .run(|| std::net::TcpListener::bind((SERVER_IP, HTTP_PORT)))?
             .map_err(|e| Error::Io(format!("binding {SERVER_IP}:{HTTP_PORT}"), e))?;
         let http = HttpServer::start(listener).map_err(|e| Error::Io("serving HTTP".into(), e))?;
+        let listener = server
+            .run(|| std::net::TcpListener::bind((SERVER_IP, ECHO_PORT)))?
+            .map_err(|e| Error::Io(format!("binding {SERVER_IP}:{ECHO_PORT}"), e))?;
+        let echo = EchoServer::start(listener).map_err(|e| Error::Io("serving echo".into(), e))?;
         let iperf_log = std::fs::File::create(dir.path().join("iperf3-server.log"))
             .map_err(|e| Error::Io("creating the iperf3 server's log".into(), e))?;
         let port = IPERF_PORT.to_string();
@@ -392,6 +400,7 @@ impl Topology {
             server_proxy,
             iperf_server,
             http,
+            echo,
             _control_plane: control_plane,
             captured: false,
             client,
@@ -496,8 +505,14 @@ impl Topology {
     /// `istio_tcp_connections_opened_total` samples reported as destination. Only HBONE reaches it (the
     /// server node captures nothing), so this rises exactly when traffic went through both proxies.
     pub(crate) fn mesh_connections(&self) -> Result<f64> {
-        let (status, body) = http_get(&self.server, &format!("{SERVER_IP}:15020"), "/metrics")
-            .map_err(|e| Error::Load(format!("reading the server proxy's metrics: {e}")))?;
+        let (status, body) =
+            http_get(&self.server, &format!("{SERVER_IP}:15020"), "/metrics").map_err(|e| {
+                // Most often the proxy has died: its log says why.
+                Error::Load(format!(
+                    "reading the server proxy's metrics: {e}\n{}",
+                    self.server_proxy.log_tail()
+                ))
+            })?;
         if status != 200 {
             return Err(Error::Load(format!(
                 "the server proxy's /metrics answered {status}"
@@ -542,6 +557,11 @@ impl Topology {
     /// Where the upstream HTTP server listens.
     pub(crate) fn http_addr(&self) -> SocketAddr {
         self.http.addr()
+    }
+
+    /// Where the fixed-rate load's echo server listens.
+    pub(crate) fn echo_addr(&self) -> SocketAddr {
+        self.echo.addr()
     }
 }
 
