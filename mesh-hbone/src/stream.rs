@@ -63,6 +63,67 @@ impl HboneStream {
         &self.headers
     }
 
+    /// Zero-copy read: the bytes of the peer's next DATA frame as they arrived (no copy into a caller's
+    /// buffer), `None` once the peer has half-closed (END_STREAM). Like `poll_read`, a frame's flow-control
+    /// window reopens as soon as it is taken, so what the caller holds is what it chose to hold. Reads through
+    /// `AsyncRead` and through this method may be mixed.
+    pub fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        if !self.unread.is_empty() {
+            return Poll::Ready(Ok(Some(std::mem::take(&mut self.unread))));
+        }
+        loop {
+            if self.read_done {
+                return Poll::Ready(Ok(None));
+            }
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if !data.is_empty() {
+                        return Poll::Ready(Ok(Some(data)));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => self.read_done = true,
+            }
+        }
+    }
+
+    /// Zero-copy write: queues `data` as DATA frames without copying it, taking from its front as
+    /// HTTP/2 flow control allows. Ready once all of `data` is queued (it is then empty); pending, with the
+    /// rest still in `data`, while the peer's window or the send buffer is full.
+    pub fn poll_write_chunk(&mut self, cx: &mut Context<'_>, data: &mut Bytes) -> Poll<io::Result<()>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if self.write_done {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "HBONE stream already shut down",
+            )));
+        }
+        self.send.reserve_capacity(data.len());
+        loop {
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => {
+                    let chunk = data.split_to(n.min(data.len()));
+                    self.send.send_data(chunk, false).map_err(h2_to_io)?;
+                    if data.is_empty() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    self.send.reserve_capacity(data.len());
+                }
+                Some(Err(e)) => return Poll::Ready(Err(h2_to_io(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "HBONE stream closed",
+                    )));
+                }
+            }
+        }
+    }
+
     /// Aborts the tunnel with RST_STREAM (CANCEL): what a TCP RST on one side becomes on the other.
     pub fn reset(&mut self) {
         self.send.send_reset(h2::Reason::CANCEL);

@@ -694,3 +694,64 @@ async fn the_acceptor_serves_at_most_its_connection_limit() {
     let admitted = tokio::time::timeout(Duration::from_secs(5), second.connect(server.request())).await;
     assert!(matches!(admitted, Ok(Ok(_))), "{admitted:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunk_reads_and_writes_carry_the_bytes_without_copies_and_end_with_the_half_close() {
+    let server = Server::start(Behaviour::Echo).await;
+    let connector = server.connector(HboneConfig::default());
+    let mut stream = connector.connect(server.request()).await.unwrap();
+    // 3 MiB in chunks of uneven sizes, some larger than a DATA frame may be, queued without copying.
+    let data: Vec<u8> = (0..3 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(7) >> 3).to_le_bytes()[0])
+        .collect();
+    let mut received = Vec::with_capacity(data.len());
+    let mut to_send = bytes::Bytes::from(data.clone());
+    let mut closed = false;
+    let mut write_done = false;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        std::future::poll_fn(|cx| {
+            // Write while the window lasts, in pieces of 100,000 bytes, then half-close.
+            while !write_done {
+                if to_send.is_empty() {
+                    let _ = tokio::io::AsyncWrite::poll_shutdown(std::pin::Pin::new(&mut stream), cx);
+                    write_done = true;
+                    break;
+                }
+                let mut piece = to_send.split_to(to_send.len().min(100_000));
+                match stream.poll_write_chunk(cx, &mut piece) {
+                    std::task::Poll::Ready(result) => {
+                        result.unwrap();
+                        assert!(piece.is_empty(), "a ready chunk write queued all of it");
+                    }
+                    std::task::Poll::Pending => {
+                        // Put the unqueued rest back in front.
+                        let mut rest = piece.to_vec();
+                        rest.extend_from_slice(&to_send);
+                        to_send = bytes::Bytes::from(rest);
+                        break;
+                    }
+                }
+            }
+            loop {
+                match stream.poll_read_chunk(cx) {
+                    std::task::Poll::Ready(Ok(Some(chunk))) => {
+                        assert!(!chunk.is_empty(), "empty chunks are never handed out");
+                        received.extend_from_slice(&chunk);
+                    }
+                    std::task::Poll::Ready(Ok(None)) => {
+                        closed = true;
+                        return std::task::Poll::Ready(());
+                    }
+                    std::task::Poll::Ready(Err(error)) => panic!("read failed: {error}"),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
+        })
+        .await
+    })
+    .await
+    .expect("the echo did not complete");
+    assert!(closed, "the server's END_STREAM ends the chunk reads");
+    assert_eq!(received.len(), data.len());
+    assert!(received == data, "the echo differs from what was sent");
+}

@@ -5,7 +5,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
+use mesh_hbone::HboneStream;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::telemetry::ConnectionRecord;
@@ -49,6 +50,213 @@ where
         }
     })
     .await
+}
+
+/// Passes an abort on: when a copy ended because a side was reset (a TCP RST, or an HBONE RST_STREAM,
+/// which reads as `ConnectionReset`), `tcp` is set to close with an RST instead of a FIN when it is
+/// dropped, so its peer does not take a cut-off stream for a complete one. Call it just before dropping
+/// the plain TCP side of a finished copy.
+pub fn pass_reset_on(tcp: &tokio::net::TcpStream, copy: &io::Result<()>) {
+    if let Err(error) = copy
+        && error.kind() == io::ErrorKind::ConnectionReset
+    {
+        // Best effort: if the option cannot be set, the close is a FIN, as it was.
+        let _ = tcp.set_zero_linger();
+    }
+}
+
+/// Which end of a proxied connection the HBONE tunnel is, for [`copy_with_tunnel`]'s byte counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelSide {
+    /// The tunnel is where the connection came from (inbound: the peer proxy's CONNECT).
+    Client,
+    /// The tunnel leads to the destination (outbound: our CONNECT to the peer).
+    Upstream,
+}
+
+/// [`copy_bidirectional`] between a plain byte stream and an HBONE tunnel, without copying the tunnel's
+/// bytes through an intermediate buffer: what is read from `plain` goes into DATA frames as it was read,
+/// and DATA frames are written to `plain` from the memory they arrived in. Same half-close, error and
+/// counting rules as [`copy_bidirectional`] (with `side` saying which end is the client); the plain side's
+/// reads use the same adaptive, released-when-idle buffers.
+pub async fn copy_with_tunnel<P>(
+    plain: &mut P,
+    tunnel: &mut HboneStream,
+    side: TunnelSide,
+    record: &Arc<ConnectionRecord>,
+) -> io::Result<()>
+where
+    P: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let (plain_reads, tunnel_reads) = match side {
+        TunnelSide::Upstream => (Direction::Sent, Direction::Received),
+        TunnelSide::Client => (Direction::Received, Direction::Sent),
+    };
+    let mut into_tunnel = PlainToTunnel::new(plain_reads);
+    let mut out_of_tunnel = TunnelToPlain::new(tunnel_reads);
+    std::future::poll_fn(|cx| {
+        let inward = into_tunnel.poll_copy(cx, &mut *plain, &mut *tunnel, record)?;
+        let outward = out_of_tunnel.poll_copy(cx, &mut *tunnel, &mut *plain, record)?;
+        if inward.is_ready() && outward.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+fn count(record: &ConnectionRecord, direction: Direction, bytes: usize) {
+    match direction {
+        Direction::Sent => record.add_sent(bytes as u64),
+        Direction::Received => record.add_received(bytes as u64),
+    }
+}
+
+/// Adapts a read buffer's next size to the last read: fourfold after a full read, back to the start
+/// after a small one.
+fn next_size(size: usize, read: usize) -> usize {
+    if read >= size {
+        (size * 4).min(MAX_COPY_BUFFER_BYTES)
+    } else if read < INITIAL_COPY_BUFFER_BYTES / 4 {
+        INITIAL_COPY_BUFFER_BYTES
+    } else {
+        size
+    }
+}
+
+/// Plain side -> tunnel: each read's bytes become DATA frames as they are (`Bytes` shared, not copied).
+struct PlainToTunnel {
+    direction: Direction,
+    /// Where the next read goes; no capacity while the plain side is idle.
+    buf: BytesMut,
+    /// Read, not yet queued on the tunnel.
+    pending: Bytes,
+    size: usize,
+    read_eof: bool,
+    done: bool,
+}
+
+impl PlainToTunnel {
+    fn new(direction: Direction) -> Self {
+        PlainToTunnel {
+            direction,
+            buf: BytesMut::new(),
+            pending: Bytes::new(),
+            size: INITIAL_COPY_BUFFER_BYTES,
+            read_eof: false,
+            done: false,
+        }
+    }
+
+    fn poll_copy<P>(
+        &mut self,
+        cx: &mut Context<'_>,
+        plain: &mut P,
+        tunnel: &mut HboneStream,
+        record: &ConnectionRecord,
+    ) -> Poll<io::Result<()>>
+    where
+        P: AsyncRead + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if !self.pending.is_empty() {
+                ready!(tunnel.poll_write_chunk(cx, &mut self.pending))?;
+            }
+            if self.read_eof {
+                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                self.buf = BytesMut::new();
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            self.buf.reserve(self.size);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *plain), cx, &mut self.buf) {
+                Poll::Pending => {
+                    // Nothing to read for now, perhaps for a long time: hold no memory meanwhile.
+                    self.buf = BytesMut::new();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(0)) => self.read_eof = true,
+                Poll::Ready(Ok(n)) => {
+                    count(record, self.direction, n);
+                    self.size = next_size(self.size, n);
+                    self.pending = self.buf.split().freeze();
+                }
+            }
+        }
+    }
+}
+
+/// Tunnel -> plain side: each DATA frame is written from the memory it arrived in.
+struct TunnelToPlain {
+    direction: Direction,
+    /// Received, not yet all written.
+    pending: Bytes,
+    read_eof: bool,
+    need_flush: bool,
+    done: bool,
+}
+
+impl TunnelToPlain {
+    fn new(direction: Direction) -> Self {
+        TunnelToPlain {
+            direction,
+            pending: Bytes::new(),
+            read_eof: false,
+            need_flush: false,
+            done: false,
+        }
+    }
+
+    fn poll_copy<P>(
+        &mut self,
+        cx: &mut Context<'_>,
+        tunnel: &mut HboneStream,
+        plain: &mut P,
+        record: &ConnectionRecord,
+    ) -> Poll<io::Result<()>>
+    where
+        P: AsyncWrite + Unpin + ?Sized,
+    {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            while !self.pending.is_empty() {
+                let n = ready!(Pin::new(&mut *plain).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+                self.need_flush = true;
+            }
+            if self.read_eof {
+                ready!(Pin::new(&mut *plain).poll_flush(cx))?;
+                ready!(Pin::new(&mut *plain).poll_shutdown(cx))?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            match tunnel.poll_read_chunk(cx) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *plain).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(None)) => self.read_eof = true,
+                Poll::Ready(Ok(Some(chunk))) => {
+                    count(record, self.direction, chunk.len());
+                    self.pending = chunk;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -131,15 +339,8 @@ impl OneWay {
                 Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
                 Poll::Ready(Ok(0)) => self.read_eof = true,
                 Poll::Ready(Ok(n)) => {
-                    match self.direction {
-                        Direction::Sent => record.add_sent(n as u64),
-                        Direction::Received => record.add_received(n as u64),
-                    }
-                    if n >= self.size {
-                        self.size = (self.size * 4).min(MAX_COPY_BUFFER_BYTES);
-                    } else if n < INITIAL_COPY_BUFFER_BYTES / 4 {
-                        self.size = INITIAL_COPY_BUFFER_BYTES;
-                    }
+                    count(record, self.direction, n);
+                    self.size = next_size(self.size, n);
                 }
             }
         }

@@ -655,3 +655,44 @@ async fn required_waypoint_admits_only_the_waypoint() {
     within("the echo", stream.read_to_end(&mut echoed)).await.unwrap();
     assert_eq!(echoed, b"via waypoint");
 }
+
+#[tokio::test]
+async fn a_tunnel_reset_reaches_the_workload_as_a_tcp_reset_not_a_fin() {
+    // The workload reads until its connection ends and reports how: a clean EOF or an error.
+    let listener = TcpListener::bind((SERVER_IP, 0)).await.unwrap();
+    let app_port = listener.local_addr().unwrap().port();
+    let (report, reported) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut total = 0;
+        let ending = loop {
+            match stream.read(&mut buf).await {
+                Ok(0) => break Ok(total),
+                Ok(n) => total += n,
+                Err(error) => break Err(error.kind()),
+            }
+        };
+        let _ = report.send(ending);
+    });
+    let mut node = Node::with_port(app_port, WaypointEnforcement::Policy).await;
+    let mut stream = node.connect(node.server_app()).await.unwrap();
+    stream.write_all(b"partial request").await.unwrap();
+    // Let the bytes through before the abort, so the reset is not a refused CONNECT.
+    let Event::Opened(record) = node.next_event().await else {
+        panic!("expected an opened event first")
+    };
+    within("the bytes reaching the workload", async {
+        while record.sent() < 15 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    stream.reset();
+    drop(stream);
+    assert_eq!(
+        within("the workload's report", reported).await.unwrap(),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "an aborted tunnel must abort the workload's connection, not end it cleanly"
+    );
+}

@@ -156,7 +156,14 @@ impl Inbound {
             }
         };
         core.observers.opened(&record);
-        let result = forward(&mut client, &mut upstream, &record, &mut guard, proxy_header).await;
+        let result = forward(
+            super::Downstream::Tunnel(&mut client),
+            &mut upstream,
+            &record,
+            &mut guard,
+            proxy_header,
+        )
+        .await;
         // Both sides go before the observers hear of it, so a revoked tunnel is already reset.
         drop(client);
         drop(upstream);

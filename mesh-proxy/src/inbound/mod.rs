@@ -46,8 +46,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_core::model::Workload;
+use mesh_hbone::HboneStream;
 use mesh_policy::L4Evaluation;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::conntrack::{CloseReason, ConnectionGuard, ConnectionTracker, TrackedConnection};
@@ -226,18 +227,21 @@ impl Core {
     }
 }
 
+/// Where an inbound connection came from: an HBONE tunnel (15008) or a plain TCP connection (15006).
+pub(crate) enum Downstream<'a> {
+    Tunnel(&'a mut HboneStream),
+    Plain(&'a mut TcpStream),
+}
+
 /// Step 5's copy, until both directions end or the tracker revokes the connection (the caller then drops
 /// both sides: the client sees the tunnel reset or the socket closed).
-async fn forward<C>(
-    client: &mut C,
+async fn forward(
+    client: Downstream<'_>,
     upstream: &mut TcpStream,
     record: &Arc<ConnectionRecord>,
     guard: &mut ConnectionGuard,
     proxy_header: Option<Vec<u8>>,
-) -> Result<(), ProxyError>
-where
-    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+) -> Result<(), ProxyError> {
     let work = async {
         if let Some(header) = proxy_header {
             upstream
@@ -245,9 +249,19 @@ where
                 .await
                 .map_err(ProxyError::ProxyProtocol)?;
         }
-        crate::forward::copy_bidirectional(client, upstream, record)
-            .await
-            .map_err(ProxyError::Forward)
+        let copied = match client {
+            Downstream::Tunnel(tunnel) => {
+                crate::forward::copy_with_tunnel(upstream, tunnel, crate::forward::TunnelSide::Client, record)
+                    .await
+            }
+            Downstream::Plain(plain) => {
+                let copied = crate::forward::copy_bidirectional(plain, upstream, record).await;
+                crate::forward::pass_reset_on(plain, &copied);
+                copied
+            }
+        };
+        crate::forward::pass_reset_on(upstream, &copied);
+        copied.map_err(ProxyError::Forward)
     };
     tokio::select! {
         done = work => done,

@@ -88,7 +88,7 @@ impl InboundPlaintext {
         };
         core.observers.opened(&record);
         let result = forward(
-            &mut client,
+            super::Downstream::Plain(&mut client),
             &mut admitted.upstream,
             &record,
             &mut admitted.guard,

@@ -18,7 +18,7 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::{DoubleHboneRoute, HboneKind, HboneRoute, RandomPicker, Route, RouteInput, route};
 use crate::error::ProxyError;
-use crate::forward::copy_bidirectional;
+use crate::forward::{TunnelSide, copy_bidirectional, copy_with_tunnel, pass_reset_on};
 use crate::listener::ConnectionHandler;
 use crate::state::ProxyState;
 use crate::telemetry::{
@@ -166,7 +166,14 @@ impl Outbound {
         // Boxed: connecting (TLS and HTTP/2 handshakes included) takes several kilobytes of future
         // state, which would otherwise stay part of this future for the connection's whole life.
         let connection = Box::pin(self.connect(peer, destination, Passthrough::Allow)).await?;
-        connection.forward(&mut client).await
+        let result = connection.forward(&mut client).await;
+        if let Err(ProxyError::Forward(error)) = &result
+            && error.kind() == std::io::ErrorKind::ConnectionReset
+        {
+            // The upstream (or the tunnel) was reset: the application sees a reset too.
+            let _ = client.set_zero_linger();
+        }
+        result
     }
 
     /// Finds the source workload for `peer`, routes `destination`, and connects upstream. On success, the
@@ -450,8 +457,14 @@ impl OutboundConnection {
     {
         let record = self.guard.record.clone();
         let result = match &mut self.upstream {
-            Upstream::Tcp(upstream) => copy_bidirectional(client, upstream, &record).await,
-            Upstream::Hbone(upstream) => copy_bidirectional(client, upstream.as_mut(), &record).await,
+            Upstream::Tcp(upstream) => {
+                let copied = copy_bidirectional(client, upstream, &record).await;
+                pass_reset_on(upstream, &copied);
+                copied
+            }
+            Upstream::Hbone(upstream) => {
+                copy_with_tunnel(client, upstream.as_mut(), TunnelSide::Upstream, &record).await
+            }
         };
         match result {
             Ok(()) => {
