@@ -705,3 +705,119 @@ async fn a_direct_connection_to_the_capture_port_is_refused_not_looped() {
     assert_eq!(*f.recorder.opened.lock().unwrap(), 0, "no upstream was attempted");
     assert!(f.closed.try_recv().is_err());
 }
+
+// ---- The passthrough socket hook (in-pod mode's sockets) ---------------------------------------------
+
+/// A socket factory that records each address it is asked for, and connects from `source` (so the
+/// destination can tell its connections from the proxy's own); with `hang`, never connects.
+#[derive(Debug)]
+struct RecordingSockets {
+    source: &'static str,
+    asked: Mutex<Vec<SocketAddr>>,
+    hang: bool,
+}
+
+impl mesh_hbone::SocketFactory for RecordingSockets {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>> {
+        self.asked.lock().unwrap().push(addr);
+        let source = self.source;
+        let hang = self.hang;
+        Box::pin(async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(format!("{source}:0").parse().unwrap())?;
+            socket.connect(addr).await
+        })
+    }
+}
+
+/// A server on `ip` that writes each client's IP address and closes.
+async fn peer_reporter(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind(format!("{ip}:0")).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, peer)) = listener.accept().await {
+            let _ = stream.write_all(peer.ip().to_string().as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn passthrough_sockets_open_passthrough_connections_but_not_hbone_ones() {
+    let mut f = fixture().await;
+    let sockets = Arc::new(RecordingSockets {
+        source: "127.0.0.9",
+        asked: Mutex::new(Vec::new()),
+        hang: false,
+    });
+    // Set on a clone that shares its settings, as an embedder holding several handles would.
+    f.outbound = f.outbound.clone().with_passthrough_sockets(sockets.clone());
+    let reporter = peer_reporter(ECHO_IP).await;
+
+    let (proxy, mut results) = f.listen(reporter).await;
+    let mut client = connect_from(CLIENT_IP, proxy).await;
+    let seen_from = exchange(&mut client, b"").await.unwrap();
+    result(&mut results).await.unwrap();
+    assert_eq!(
+        String::from_utf8(seen_from).unwrap(),
+        "127.0.0.9",
+        "the passthrough connection is the factory's"
+    );
+    assert_eq!(*sockets.asked.lock().unwrap(), vec![reporter]);
+
+    // HBONE goes through the connector's own sockets: the factory is not asked.
+    let (proxy, mut results) = f.listen(sock(&format!("{SERVER_IP}:8080"))).await;
+    let mut client = connect_from(CLIENT_IP, proxy).await;
+    assert_eq!(exchange(&mut client, b"mesh").await.unwrap(), b"mesh");
+    result(&mut results).await.unwrap();
+    let seen = tokio::time::timeout(BOUND, f.seen.recv()).await.unwrap().unwrap();
+    assert_eq!(seen.peer, f.pki.id("default", "client"));
+    assert_eq!(
+        *sockets.asked.lock().unwrap(),
+        vec![reporter],
+        "HBONE must not use the passthrough sockets"
+    );
+}
+
+#[tokio::test]
+async fn passthrough_sockets_are_bounded_by_the_connect_timeout() {
+    let connector = HboneConnector::new(HboneConfig::default(), Arc::new(StaticCertProvider::new()));
+    let config = OutboundConfig {
+        source: SourceLookup::PeerIp {
+            network: NETWORK.into(),
+        },
+        connect_timeout: Duration::from_millis(200),
+        ..OutboundConfig::default()
+    };
+    let state = ProxyState::fixed(snapshot(15008), L4PolicySet::default());
+    let sockets = Arc::new(RecordingSockets {
+        source: "127.0.0.9",
+        asked: Mutex::new(Vec::new()),
+        hang: true,
+    });
+    let outbound = Outbound::new(config, state, connector, Observers::default())
+        .with_passthrough_sockets(sockets.clone());
+    let destination = sock(&format!("{ECHO_IP}:9"));
+    let attempt = tokio::time::timeout(
+        BOUND,
+        outbound.connect(
+            sock(&format!("{CLIENT_IP}:40000")),
+            destination,
+            mesh_proxy::outbound::Passthrough::Allow,
+        ),
+    )
+    .await
+    .expect("the connect timeout must end a factory that never connects");
+    match attempt {
+        Err(ProxyError::UpstreamTimeout { addr, .. }) => assert_eq!(addr, destination),
+        other => panic!("expected an upstream timeout, got {other:?}"),
+    }
+    assert_eq!(*sockets.asked.lock().unwrap(), vec![destination]);
+}

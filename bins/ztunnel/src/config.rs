@@ -162,6 +162,13 @@ pub(crate) struct Args {
         default_value = "/var/run/ztunnel/ztunnel.sock"
     )]
     pub inpod_uds: PathBuf,
+    /// In-pod mode: connect to a pod's application from the client's own IP (the HBONE peer's, or the
+    /// plaintext client's), so the application sees who called it; the pod's capture rules route the
+    /// replies back. Unset: on wherever the pod's inbound listeners can be made transparent (needs
+    /// CAP_NET_ADMIN); `true`: required, and a pod where that fails is not served; `false`: off, the
+    /// application sees the pod's own IP. Other modes do not use it yet.
+    #[arg(long = "enable-orig-src", env = "ENABLE_ORIG_SRC", value_name = "ENABLE_ORIG_SRC", action = clap::ArgAction::Set)]
+    pub enable_original_source: Option<bool>,
     /// Worker threads of the data path runtime (default: max(2, a quarter of the cores)).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", value_name = "ZTUNNEL_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
@@ -490,6 +497,29 @@ mod tests {
             config.args.inpod_enabled,
             "shared mode is in-pod mode unless told otherwise"
         );
+        assert_eq!(
+            config.args.enable_original_source, None,
+            "original source is decided by what the pod's listeners allow"
+        );
+    }
+
+    #[test_case(&[] => None ; "unset")]
+    #[test_case(&["--enable-orig-src", "true"] => Some(true) ; "required")]
+    #[test_case(&["--enable-orig-src", "false"] => Some(false) ; "off")]
+    fn original_source_is_istios_three_way_setting(extra: &[&str]) -> Option<bool> {
+        Config::from_args(args(extra).unwrap())
+            .unwrap()
+            .args
+            .enable_original_source
+    }
+
+    #[test]
+    fn original_source_is_documented_and_checked_under_istios_name() {
+        use clap::CommandFactory;
+        let help = Args::command().render_long_help().to_string();
+        assert!(help.contains("ENABLE_ORIG_SRC"), "{help}");
+        let error = args(&["--enable-orig-src", "sometimes"]).unwrap_err().to_string();
+        assert!(error.contains("ENABLE_ORIG_SRC"), "{error}");
     }
 
     #[test]

@@ -2,10 +2,17 @@
 //! each pod gets its own outbound (15001), inbound plaintext (15006) and inbound HBONE (15008) listeners
 //! bound inside that namespace. The connections the proxy opens for a pod leave from the pod's namespace
 //! too, marked so that the pod's capture rules let them through.
+//!
+//! Original source (Istio's `ENABLE_ORIG_SRC`): the connection to a pod's application is bound, with
+//! `IP_TRANSPARENT`, to the client's own address, so the application sees who called it. The replies are
+//! addressed to that client, and Istio's in-pod rules bring them back to the proxy: packets carrying the
+//! proxy's mark connmark their connection 0x111, and a policy route sends connmarked replies to the
+//! local stack.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -25,7 +32,7 @@ use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
 use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::Observers;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// What every pod's pipelines share.
 #[derive(Debug, Clone)]
@@ -38,6 +45,9 @@ pub(crate) struct PodContext {
     pub observers: Observers,
     pub tracker: ConnectionTracker,
     pub local_node: Option<Arc<str>>,
+    /// `ENABLE_ORIG_SRC`: `Some(true)` required, `Some(false)` off, `None` wherever the pod's inbound
+    /// listeners can be made transparent.
+    pub original_source: Option<bool>,
 }
 
 /// The ZDS client and the pod manager that serves each pod, ready to run.
@@ -76,6 +86,15 @@ async fn serve_pod(
     pod: PodStart,
     context: PodContext,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // Decided before anything else: a pod that requires original source and cannot have it is refused
+    // at once, not after its workload and certificate arrive.
+    let original_source = original_source_enabled(
+        context.original_source,
+        &[&pod.listeners.inbound_hbone, &pod.listeners.inbound_plaintext],
+    )
+    .map_err(|error| {
+        format!("ENABLE_ORIG_SRC=true, but the pod's inbound listeners cannot be made transparent: {error}")
+    })?;
     let Some(workload) = wait_for_workload(&context, &pod.info, &pod.drain).await else {
         return Ok(());
     };
@@ -83,9 +102,11 @@ async fn serve_pod(
     let Some(cert) = fetch_certificate(&context, &identity, &pod.drain).await else {
         return Ok(());
     };
-    tracing::info!(uid = %pod.uid, workload = %workload.uid, %identity, "serving pod (in-pod mode)");
+    tracing::info!(uid = %pod.uid, workload = %workload.uid, %identity, original_source, "serving pod (in-pod mode)");
     let sockets = Arc::new(PodSockets {
         netns: pod.netns.clone(),
+        original_source,
+        warned: Arc::new(AtomicBool::new(false)),
     });
 
     let connector = HboneConnector::new(context.hbone.clone(), context.certs.clone())
@@ -103,7 +124,9 @@ async fn serve_pod(
         context.state.clone(),
         connector,
         context.observers.clone(),
-    );
+    )
+    // Passthrough leaves from the pod too, with its routes and address.
+    .with_passthrough_sockets(sockets.clone());
     let inbound = Inbound::new(
         InboundConfig::new(ServedWorkloads::Workload(workload.uid.clone())),
         context.state.clone(),
@@ -247,33 +270,89 @@ async fn serve_owned<H: ConnectionHandler>(
     serve_tcp(listener, handler, &config, drain).await;
 }
 
-/// Opens the proxy's connections for a pod from inside the pod's network namespace, marked.
+/// Whether inbound connections to the pod's application come from the client's address, as Istio's
+/// ztunnel decides it: `Some(false)` never; `Some(true)` always, an error if the listeners cannot be made
+/// transparent; `None` (the default) when they can. Setting `IP_TRANSPARENT` on the listeners is the probe
+/// for the privilege the upstream sockets need (`CAP_NET_ADMIN` over the pod's namespace).
+fn original_source_enabled(setting: Option<bool>, listeners: &[&TcpListener]) -> io::Result<bool> {
+    match setting {
+        Some(false) => Ok(false),
+        Some(true) => {
+            for listener in listeners {
+                sys::set_transparent(*listener)?;
+            }
+            Ok(true)
+        }
+        None => Ok(listeners
+            .iter()
+            .all(|listener| sys::set_transparent(*listener).is_ok())),
+    }
+}
+
+/// Opens the proxy's connections for a pod from inside the pod's network namespace, marked; inbound ones
+/// from the client's address when original source is on.
 #[derive(Debug)]
 struct PodSockets {
     netns: InPodNetns,
+    /// Whether inbound connections to the application are bound to the client's address.
+    original_source: bool,
+    /// Whether a failure to bind the client's address was logged at warn already (once per pod: the
+    /// cause, a missing privilege, is the same every time).
+    warned: Arc<AtomicBool>,
 }
 
+/// A socket made in a pod, with why it is not bound to the source address asked for, if it is not.
+type PodSocket = (std::net::TcpStream, Option<io::Error>);
+
 impl PodSockets {
-    async fn connect(netns: InPodNetns, addr: SocketAddr) -> io::Result<TcpStream> {
-        // The socket is created inside the namespace (a short-lived thread joins it), then connected from
-        // the runtime: a socket belongs to the namespace it was created in.
-        let socket = tokio::task::spawn_blocking(move || {
+    /// A socket created inside `netns`, marked, and bound to `source` (port 0) if given and possible. A
+    /// socket belongs to the namespace it was created in, so it is made on a short-lived thread that has
+    /// joined the pod's; the connect then happens on the runtime.
+    async fn socket(
+        netns: InPodNetns,
+        domain_of: SocketAddr,
+        source: Option<IpAddr>,
+    ) -> io::Result<PodSocket> {
+        tokio::task::spawn_blocking(move || {
             netns
-                .run_in(move || -> io::Result<std::net::TcpStream> {
-                    let domain = socket2::Domain::for_address(addr);
+                .run_in(move || -> io::Result<PodSocket> {
+                    let domain = socket2::Domain::for_address(domain_of);
                     let socket =
                         socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
                     sys::set_mark(&socket, sys::PROXY_MARK)?;
                     socket.set_nonblocking(true)?;
-                    Ok(socket.into())
+                    let unbound = source.and_then(|ip| {
+                        sys::set_transparent(&socket)
+                            .and_then(|()| socket.bind(&SocketAddr::new(ip, 0).into()))
+                            .err()
+                    });
+                    Ok((socket.into(), unbound))
                 })
                 .map_err(io::Error::other)?
         })
         .await
-        .map_err(io::Error::other)??;
+        .map_err(io::Error::other)?
+    }
+
+    async fn connect(netns: InPodNetns, addr: SocketAddr) -> io::Result<TcpStream> {
+        let (socket, _) = Self::socket(netns, addr, None).await?;
+        Self::finish(socket, addr).await
+    }
+
+    async fn finish(socket: std::net::TcpStream, addr: SocketAddr) -> io::Result<TcpStream> {
         let stream = TcpSocket::from_std_stream(socket).connect(addr).await?;
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+
+    /// The address to connect to `destination` from on behalf of `client`, if original source applies:
+    /// not to the client itself (a pod calling itself through the mesh; binding its own address gains
+    /// nothing), and only within one address family.
+    fn source_for(&self, client: SocketAddr, destination: SocketAddr) -> Option<IpAddr> {
+        let client = client.ip().to_canonical();
+        let destination = destination.ip().to_canonical();
+        (self.original_source && client != destination && client.is_ipv4() == destination.is_ipv4())
+            .then_some(client)
     }
 }
 
@@ -284,8 +363,26 @@ impl SocketFactory for PodSockets {
 }
 
 impl UpstreamConnector for PodSockets {
-    fn connect(&self, destination: SocketAddr, _hint: &UpstreamHint) -> ConnectFuture {
-        Box::pin(Self::connect(self.netns.clone(), destination))
+    fn connect(&self, destination: SocketAddr, hint: &UpstreamHint) -> ConnectFuture {
+        let Some(source) = self.source_for(hint.client_addr, destination) else {
+            return Box::pin(Self::connect(self.netns.clone(), destination));
+        };
+        let netns = self.netns.clone();
+        let pod_warned = self.warned.clone();
+        Box::pin(async move {
+            let (socket, unbound) = Self::socket(netns, destination, Some(source)).await?;
+            if let Some(error) = unbound {
+                // Original source shows the application who called; the connection is already
+                // authorized, so without it the connection still goes ahead, from the pod's own address
+                // (as Istio's ztunnel does), rather than failing for want of a privilege.
+                if !pod_warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%source, %destination, %error, "in-pod: cannot connect to the application from the client's address; connecting from the pod's own (logged once per pod)");
+                } else {
+                    tracing::debug!(%source, %destination, %error, "in-pod: original source unavailable");
+                }
+            }
+            Self::finish(socket, destination).await
+        })
     }
 }
 
@@ -306,6 +403,58 @@ mod tests {
             name: name.into(),
             namespace: "default".into(),
             service_account: service_account.into(),
+        }
+    }
+
+    fn sockets(original_source: bool) -> PodSockets {
+        PodSockets {
+            netns: InPodNetns::open("/proc/self/ns/net").unwrap(),
+            original_source,
+            warned: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn original_source_binds_the_clients_address_except_to_itself_or_across_families() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let on = sockets(true);
+        let app = addr("10.0.2.3:8080");
+        assert_eq!(
+            on.source_for(addr("10.0.2.2:40000"), app),
+            Some("10.0.2.2".parse().unwrap())
+        );
+        // An IPv4 client on a dual-stack listener is bound as IPv4.
+        assert_eq!(
+            on.source_for(addr("[::ffff:172.172.0.1]:40000"), app),
+            Some("172.172.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            on.source_for(addr("10.0.2.3:40000"), app),
+            None,
+            "the pod calling itself"
+        );
+        assert_eq!(
+            on.source_for(addr("[fd00::2]:40000"), app),
+            None,
+            "another family"
+        );
+        assert_eq!(sockets(false).source_for(addr("10.0.2.2:40000"), app), None);
+    }
+
+    #[tokio::test]
+    async fn original_source_follows_istios_three_way_setting() {
+        let hbone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let plaintext = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listeners = [&hbone, &plaintext];
+        // Whether this process may set IP_TRANSPARENT at all decides the outcome: it is what the setting
+        // probes.
+        let probe = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let privileged = sys::set_transparent(&probe).is_ok();
+        assert!(!original_source_enabled(Some(false), &listeners).unwrap());
+        assert_eq!(original_source_enabled(None, &listeners).unwrap(), privileged);
+        match original_source_enabled(Some(true), &listeners) {
+            Ok(enabled) => assert!(enabled && privileged),
+            Err(error) => assert!(!privileged, "{error}"),
         }
     }
 

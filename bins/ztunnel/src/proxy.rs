@@ -127,6 +127,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             observers: observers.clone(),
             tracker: tracker.clone(),
             local_node: Some(config.args.node_name.as_str().into()),
+            original_source: config.args.enable_original_source,
         };
         mesh_proxy::inpod::verify_capabilities(Some(sys::PROXY_MARK))?;
         let (zds, pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;

@@ -5,7 +5,9 @@
 //! Kubernetes pod UIDs real istio-cni sends), and the local control plane on the nodes' network serving
 //! xDS and certificates. The application's bytes must cross HBONE with mutual TLS between the pods'
 //! own listeners, on one node and between two; a pod istio-cni deletes must lose its listeners; a DENY
-//! policy must refuse; the proxy must not report ready before istio-cni's snapshot is complete.
+//! policy must refuse; the proxy must not report ready before istio-cni's snapshot is complete. The
+//! application must see its real client's address (original source, through 15008 and 15006) unless
+//! `ENABLE_ORIG_SRC=false`, and a pod's connection to a server outside the mesh must leave from the pod.
 //!
 //! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`: new user, network, mount and PID
 //! namespaces), so it needs no root; it needs util-linux, iproute2 and iptables (CI installs them), and
@@ -18,7 +20,9 @@ mod common;
 use std::hash::BuildHasher;
 use std::time::Duration;
 
-use common::inpod::{CONTROL_PLANE_ADDR, Network, Node, Pod, listening, readiness, start_ztunnel};
+use common::inpod::{
+    CONTROL_PLANE_ADDR, NETWORK_IP, Network, Node, Pod, listening, readiness, start_ztunnel,
+};
 use common::wire::{self, LinkCapture};
 use common::{
     APP_PORT, App, ControlPlane, TempDir, Ztunnel, echo_app, eventually, has_metric, metric_sum, metrics,
@@ -31,6 +35,9 @@ use mesh_xds::ca::{Caller, StaticTokens};
 
 /// The fake istio-cni waits this long for a step (a ztunnel starting on a loaded machine included).
 const CNI_STEP: Duration = Duration::from_secs(30);
+
+/// The port of the server outside the mesh.
+const OUTSIDE_PORT: u16 = 9090;
 
 /// One node's ztunnel and its connection from istio-cni.
 struct NodeProxy {
@@ -57,6 +64,11 @@ impl Cluster {
     /// Nodes with the pods on each (`(node, [pod, ...])`), every ztunnel connected to its istio-cni but
     /// told of no pod yet.
     fn start(layout: &[(&str, &[&str])]) -> Cluster {
+        Self::start_with(layout, &[])
+    }
+
+    /// [`Cluster::start`] with extra environment variables for every ztunnel.
+    fn start_with(layout: &[(&str, &[&str])], env: &[(&str, String)]) -> Cluster {
         let network = Network::new();
         let mut nodes = Vec::new();
         let mut pods = Vec::new();
@@ -89,7 +101,7 @@ impl Cluster {
                 let socket = dir.path().join(format!("{}.sock", node.name));
                 let cni = FakeCni::bind_with_timeout(&socket, CNI_STEP).unwrap();
                 let token = format!("{}-token", node.name);
-                (cni, start_ztunnel(node, dir.path(), &socket, &token))
+                (cni, start_ztunnel(node, dir.path(), &socket, &token, env))
             })
             .collect();
         let proxies = started
@@ -271,15 +283,16 @@ fn two_pods_of_one_node_talk_through_their_own_listeners_over_hbone() {
 
         // The client application connects straight to the server pod; the capture inside the client pod
         // hands the connection to ztunnel, and the server's side of ztunnel, inside the server pod, connects
-        // to the application from the pod's own address (a direct connection would come from the client's).
+        // to the application from the client's address (original source: the HBONE peer's IP), so the
+        // application sees who called it.
         let reply = cluster
             .round_trip("client", "server", "hello")
             .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
-        assert_eq!(reply, format!("echo hello from {}", cluster.pod("server").ip));
+        assert_eq!(reply, format!("echo hello from {}", cluster.pod("client").ip));
         assert_mutual_tls_reported(&cluster, "client", "server");
         // And back: the server pod is a client too.
         let reply = cluster.round_trip("server", "client", "back").unwrap();
-        assert_eq!(reply, format!("echo back from {}", cluster.pod("client").ip));
+        assert_eq!(reply, format!("echo back from {}", cluster.pod("server").ip));
         assert_mutual_tls_reported(&cluster, "server", "client");
         cluster.shut_down();
     });
@@ -362,7 +375,7 @@ spec:
             || cluster.logs(),
         );
         let reply = cluster.round_trip("other", "server", "allowed").unwrap();
-        assert_eq!(reply, format!("echo allowed from {}", cluster.pod("server").ip));
+        assert_eq!(reply, format!("echo allowed from {}", cluster.pod("other").ip));
         eventually(
             Duration::from_secs(10),
             "the denial in the destination's metrics",
@@ -439,7 +452,11 @@ fn pods_on_two_nodes_talk_across_the_network_in_mutual_tls_only() {
         let reply = cluster
             .round_trip("client", "server", &marker)
             .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
-        assert_eq!(reply, format!("echo {marker} from {}", cluster.pod("server").ip));
+        assert_eq!(
+            reply,
+            format!("echo {marker} from {}", cluster.pod("client").ip),
+            "the application on the other node sees the client pod's address"
+        );
         let frames = capture.stop();
 
         // Between the nodes: a connection from the client pod to the server pod's 15008 carrying TLS, and
@@ -492,6 +509,87 @@ fn pods_on_two_nodes_talk_across_the_network_in_mutual_tls_only() {
             "a connection to the application port crossed the network"
         );
         assert_mutual_tls_reported(&cluster, "client", "server");
+        cluster.shut_down();
+    });
+}
+
+#[test]
+fn the_app_sees_the_outside_clients_address_through_15006() {
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["server"])]);
+        cluster.enroll_all();
+        // The network's namespace is no workload: its connection to the pod is plaintext, captured by the
+        // pod's rules into 15006 (allowed: no STRICT policy), and reaches the application from its own
+        // address.
+        let outside = &cluster.network.netns;
+        let reply = round_trip_to(outside, &cluster.pod("server").addr(APP_PORT), "plain")
+            .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+        assert_eq!(reply, format!("echo plain from {NETWORK_IP}"));
+        eventually(
+            Duration::from_secs(10),
+            "the plaintext connection in the destination's metrics",
+            || {
+                has_metric(
+                    &cluster.metrics(0),
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("destination_workload", "server"),
+                        ("connection_security_policy", "unknown"),
+                    ],
+                )
+            },
+            || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
+        );
+        cluster.shut_down();
+    });
+}
+
+#[test]
+fn a_pods_connection_outside_the_mesh_leaves_from_the_pod() {
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client"])]);
+        cluster.enroll_all();
+        // A server outside the mesh, in the network's namespace (no workload has its address).
+        let _outside = echo_app(&cluster.network.netns, NETWORK_IP, OUTSIDE_PORT);
+        let reply = round_trip_to(
+            &cluster.pod("client").netns,
+            &format!("{NETWORK_IP}:{OUTSIDE_PORT}"),
+            "out",
+        )
+        .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+        // From the pod's address, not the node's: the passthrough connection was made inside the pod.
+        assert_eq!(reply, format!("echo out from {}", cluster.pod("client").ip));
+        assert_ne!(reply, format!("echo out from {}", cluster.nodes[0].ip()));
+        // And it did go through ztunnel (captured, then passed through), not around it.
+        eventually(
+            Duration::from_secs(10),
+            "the passthrough connection in the source's metrics",
+            || {
+                has_metric(
+                    &cluster.metrics(0),
+                    "istio_tcp_connections_opened_total",
+                    &[("reporter", "source"), ("source_workload", "client")],
+                )
+            },
+            || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
+        );
+        cluster.shut_down();
+    });
+}
+
+#[test]
+fn with_original_source_off_the_app_sees_the_pods_own_address() {
+    isolated(|| {
+        let cluster = Cluster::start_with(
+            &[("node-a", &["client", "server"])],
+            &[("ENABLE_ORIG_SRC", "false".to_owned())],
+        );
+        cluster.enroll_all();
+        let reply = cluster
+            .round_trip("client", "server", "hidden")
+            .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
+        assert_eq!(reply, format!("echo hidden from {}", cluster.pod("server").ip));
         cluster.shut_down();
     });
 }

@@ -12,7 +12,7 @@ use mesh_core::SpiffeId;
 use mesh_core::model::{MeshSnapshot, Workload};
 use mesh_core::sys;
 use mesh_hbone::headers::{Baggage, Forwarded, X_FORWARDED_NETWORK};
-use mesh_hbone::{ConnectRequest, HboneConnector, HboneError, HboneStream};
+use mesh_hbone::{ConnectRequest, HboneConnector, HboneError, HboneStream, SocketFactory};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -134,6 +134,8 @@ struct Inner {
     state: ProxyState,
     connector: HboneConnector,
     observers: Observers,
+    /// Opens plain-TCP upstreams instead of [`Outbound::connect_tcp`]'s own sockets when set.
+    tcp_sockets: Option<Arc<dyn SocketFactory>>,
 }
 
 impl Outbound {
@@ -151,8 +153,39 @@ impl Outbound {
                 state,
                 connector,
                 observers,
+                tcp_sockets: None,
             }),
         }
+    }
+
+    /// Opens every plain-TCP upstream (passthrough to a destination outside the mesh, and
+    /// [`Route::Tcp`] to a workload that does not speak HBONE) with `sockets` instead of a socket of the
+    /// proxy's own. In-pod mode needs this: such connections must leave from the pod's network namespace,
+    /// with the pod's routes and address, marked so the pod's capture skips them (ztunnel's per-pod socket
+    /// factory). HBONE connections are unaffected: they use the [`HboneConnector`]'s own factory.
+    ///
+    /// `sockets` is then responsible for the socket's options: [`OutboundConfig::mark`] and
+    /// [`OutboundConfig::original_source`] are not applied to these connections (a factory that should
+    /// mark, like in-pod mode's, marks its sockets itself). [`OutboundConfig::connect_timeout`] still
+    /// bounds each connect. Without this hook (the default), plain-TCP upstreams are opened from the
+    /// proxy's own namespace as [`OutboundConfig`] says.
+    #[must_use]
+    pub fn with_passthrough_sockets(mut self, sockets: Arc<dyn SocketFactory>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.tcp_sockets = Some(sockets),
+            None => {
+                // Shared with a clone already: give this handle its own copy of the settings.
+                let inner = &self.inner;
+                self.inner = Arc::new(Inner {
+                    config: inner.config.clone(),
+                    state: inner.state.clone(),
+                    connector: inner.connector.clone(),
+                    observers: inner.observers.clone(),
+                    tcp_sockets: Some(sockets),
+                });
+            }
+        }
+        self
     }
 
     /// Proxies a captured connection from `peer` whose original destination was `destination`, until it
@@ -301,6 +334,19 @@ impl Outbound {
             addr: destination,
             source,
         };
+        let timeout = config.connect_timeout;
+        let timed_out = |_| ProxyError::UpstreamTimeout {
+            addr: destination,
+            after: timeout,
+        };
+        if let Some(sockets) = &self.inner.tcp_sockets {
+            let stream = tokio::time::timeout(timeout, sockets.connect(destination))
+                .await
+                .map_err(timed_out)?
+                .map_err(connect_error)?;
+            let _ = stream.set_nodelay(true);
+            return Ok(stream);
+        }
         let socket = if config.original_source && peer.is_ipv4() == destination.is_ipv4() {
             sys::transparent_socket(SocketAddr::new(peer.ip(), 0)).map_err(connect_error)?
         } else if destination.is_ipv4() {
@@ -311,13 +357,9 @@ impl Outbound {
         if let Some(mark) = config.mark {
             sys::set_mark(&socket, mark).map_err(connect_error)?;
         }
-        let timeout = config.connect_timeout;
         let stream = tokio::time::timeout(timeout, socket.connect(destination))
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout {
-                addr: destination,
-                after: timeout,
-            })?
+            .map_err(timed_out)?
             .map_err(connect_error)?;
         let _ = stream.set_nodelay(true);
         Ok(stream)

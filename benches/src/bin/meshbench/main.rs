@@ -100,10 +100,13 @@ pub(crate) struct Args {
     pub(crate) plot: Option<PathBuf>,
     /// A ztunnel binary to use instead of building one.
     pub(crate) ztunnel: Option<PathBuf>,
+    /// Extra environment for both proxies (`--proxy-env NAME=VALUE`), for experiments such as
+    /// `ZTUNNEL_WORKER_THREADS=1`.
+    pub(crate) proxy_env: Vec<(String, String)>,
 }
 
 const USAGE: &str = "\
-usage: meshbench [--quick] [--json FILE] [--plot FILE.svg] [--ztunnel PATH]
+usage: meshbench [--quick] [--json FILE] [--plot FILE.svg] [--ztunnel PATH] [--proxy-env NAME=VALUE]...
 
 Measures our ztunnel end to end in two network namespaces against the same path
 without it (see docs/performance.md). Needs root; installs wrk and iperf3 with
@@ -114,7 +117,10 @@ apt-get when they are missing; builds the proxy with
   --json FILE     also write the results as JSON to FILE
   --plot FILE.svg also write the fixed-rate load's latency by percentile,
                   direct and mesh, as an SVG chart to FILE.svg
-  --ztunnel PATH  use this ztunnel binary instead of building one";
+  --ztunnel PATH  use this ztunnel binary instead of building one
+  --proxy-env NAME=VALUE
+                  also set NAME=VALUE in both proxies' environment (repeatable),
+                  e.g. ZTUNNEL_WORKER_THREADS=1";
 
 impl Args {
     fn parse(mut args: impl Iterator<Item = String>) -> std::result::Result<Args, String> {
@@ -124,6 +130,7 @@ impl Args {
             json: None,
             plot: None,
             ztunnel: None,
+            proxy_env: Vec::new(),
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -152,6 +159,14 @@ impl Args {
                 "--ztunnel" => {
                     let path = args.next().ok_or("--ztunnel needs a path")?;
                     parsed.ztunnel = Some(PathBuf::from(path));
+                }
+                "--proxy-env" => {
+                    let pair = args.next().ok_or("--proxy-env needs NAME=VALUE")?;
+                    let (name, value) = pair
+                        .split_once('=')
+                        .filter(|(name, _)| !name.is_empty())
+                        .ok_or_else(|| format!("--proxy-env needs NAME=VALUE, not {pair:?}"))?;
+                    parsed.proxy_env.push((name.to_owned(), value.to_owned()));
                 }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument {other:?}")),
@@ -293,5 +308,30 @@ mod tests {
         assert!(parse(&["--json"]).unwrap_err().contains("--json"));
         assert!(parse(&["--fast"]).unwrap_err().contains("--fast"));
         assert_eq!(parse(&["--help"]).unwrap_err(), "");
+    }
+
+    #[test]
+    fn proxy_env_takes_name_value_pairs_and_repeats() {
+        let args = parse(&[
+            "--proxy-env",
+            "ZTUNNEL_WORKER_THREADS=1",
+            "--proxy-env",
+            "RUST_LOG=warn,ztunnel=info",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.proxy_env,
+            vec![
+                ("ZTUNNEL_WORKER_THREADS".to_owned(), "1".to_owned()),
+                ("RUST_LOG".to_owned(), "warn,ztunnel=info".to_owned()),
+            ]
+        );
+        assert!(
+            parse(&["--proxy-env", "NOVALUE"])
+                .unwrap_err()
+                .contains("NAME=VALUE")
+        );
+        assert!(parse(&["--proxy-env", "=1"]).unwrap_err().contains("NAME=VALUE"));
+        assert!(parse(&["--proxy-env"]).unwrap_err().contains("--proxy-env"));
     }
 }

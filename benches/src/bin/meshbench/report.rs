@@ -655,6 +655,7 @@ mod tests {
             json: Some(PathBuf::from("out.json")),
             plot: None,
             ztunnel: None,
+            proxy_env: Vec::new(),
         };
         let machine = Machine {
             cores: 2,
@@ -668,6 +669,7 @@ mod tests {
             clk_tck_source: "getconf CLK_TCK",
             wrk_version: "wrk 4.1.0".into(),
             iperf3_version: "iperf 3.12".into(),
+            proxy_env: Vec::new(),
         };
         let results = Results {
             idle_kib: [5_000, 6_000],

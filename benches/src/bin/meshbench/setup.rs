@@ -63,6 +63,8 @@ pub(crate) struct Tools {
     pub(crate) wrk_version: String,
     /// `iperf3 --version`'s first line.
     pub(crate) iperf3_version: String,
+    /// Extra environment for both proxies (`--proxy-env`).
+    pub(crate) proxy_env: Vec<(String, String)>,
 }
 
 /// The Debian packages of the load generators, by the command each provides.
@@ -94,6 +96,7 @@ pub(crate) fn prepare(args: &Args) -> Result<Tools> {
         clk_tck_source,
         wrk_version: first_line(Command::new("wrk").arg("-v")),
         iperf3_version: first_line(Command::new("iperf3").arg("--version")),
+        proxy_env: args.proxy_env.clone(),
     })
 }
 

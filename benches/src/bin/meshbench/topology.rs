@@ -121,7 +121,8 @@ pub(crate) struct Proxy {
 impl Proxy {
     /// Starts our ztunnel in `node` in dedicated mode for the workload `default/<name>`, with Istio's
     /// defaults otherwise (two workers, access logs at `info`).
-    fn start(node: &Netns, dir: &Path, ztunnel: &Path, name: &'static str) -> Result<Proxy> {
+    fn start(node: &Netns, dir: &Path, tools: &Tools, name: &'static str) -> Result<Proxy> {
+        let ztunnel = &tools.ztunnel;
         let token_file = dir.join(format!("{name}.token"));
         std::fs::write(&token_file, format!("{name}-token"))
             .map_err(|e| Error::Io(format!("writing {}", token_file.display()), e))?;
@@ -143,6 +144,7 @@ impl Proxy {
             .env("IPV6_ENABLED", "false")
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(tools.proxy_env.iter().map(|(name, value)| (name, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
@@ -393,8 +395,8 @@ impl Topology {
         client.iptables(&[
             "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", PROXY_MARK, "-j", "RETURN",
         ])?;
-        let server_proxy = Proxy::start(&server, dir.path(), &tools.ztunnel, "server")?;
-        let client_proxy = Proxy::start(&client, dir.path(), &tools.ztunnel, "client")?;
+        let server_proxy = Proxy::start(&server, dir.path(), tools, "server")?;
+        let client_proxy = Proxy::start(&client, dir.path(), tools, "client")?;
         let mut topology = Topology {
             client_proxy,
             server_proxy,

@@ -174,6 +174,11 @@ impl Network {
             ]))
             .unwrap();
         }
+        // The network's own namespace (not a workload) reaches the node's pods through it: it stands for
+        // clients and servers outside the mesh.
+        self.netns
+            .ip(&["route", "add", &format!("10.0.{id}.0/24"), "via", &ip])
+            .unwrap();
         nodes.push((id, netns.name().to_owned()));
         Node {
             netns,
@@ -298,21 +303,24 @@ fn kubernetes_uid() -> String {
 
 /// Starts our ztunnel in `node`'s namespace in in-pod mode, talking to the control plane at
 /// [`CONTROL_PLANE_ADDR`] with `token`, and to istio-cni at `socket`.
-pub fn start_ztunnel(node: &Node, dir: &Path, socket: &Path, token: &str) -> Ztunnel {
-    Ztunnel::start(
-        &node.netns,
-        dir,
-        &node.name,
-        token,
-        &[
-            ("PROXY_MODE", "shared".to_owned()),
-            ("NODE_NAME", node.name.clone()),
-            ("INPOD_ENABLED", "true".to_owned()),
-            ("INPOD_UDS", socket.display().to_string()),
-            ("XDS_ADDRESS", format!("https://{CONTROL_PLANE_ADDR}")),
-            ("INSTANCE_IP", node.ip()),
-        ],
-    )
+/// `extra` environment variables come last, so they override.
+pub fn start_ztunnel(
+    node: &Node,
+    dir: &Path,
+    socket: &Path,
+    token: &str,
+    extra: &[(&str, String)],
+) -> Ztunnel {
+    let mut env = vec![
+        ("PROXY_MODE", "shared".to_owned()),
+        ("NODE_NAME", node.name.clone()),
+        ("INPOD_ENABLED", "true".to_owned()),
+        ("INPOD_UDS", socket.display().to_string()),
+        ("XDS_ADDRESS", format!("https://{CONTROL_PLANE_ADDR}")),
+        ("INSTANCE_IP", node.ip()),
+    ];
+    env.extend(extra.iter().cloned());
+    Ztunnel::start(&node.netns, dir, &node.name, token, &env)
 }
 
 /// The node proxy's readiness: status and body, trimmed (`None` while it does not answer).
