@@ -3,9 +3,11 @@
 //! rustls pulls ciphertext from its transport at most 4 KiB per `read` call, whatever the record size, so
 //! a 16 KiB TLS record costs four or five system calls (plus one more that returns `WouldBlock`). Bulk
 //! HBONE traffic is made of such records. `ReadAhead` sits between the socket and rustls: small reads are
-//! served from a buffer that one large `read` filled. The buffer exists only while bytes are waiting in
-//! it or a read is being made, and is released as soon as the socket has nothing more to give, so an idle
-//! HBONE connection holds none of it.
+//! served from a buffer that one large `read` filled. The buffer is released when the socket has nothing
+//! more to give after a small read (interactive traffic, or the PING every HBONE connection exchanges while
+//! idle), so an idle HBONE connection holds none of it; after a large read it is kept, because releasing
+//! and reallocating it between the bursts of a bulk transfer costs more than the copy saves (glibc trims
+//! the freed memory and faults it back in: a bulk bench lost a fifth of its throughput that way).
 
 use std::io;
 use std::pin::Pin;
@@ -18,12 +20,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// each), which lets one system call bring a whole burst of HTTP/2 DATA frames.
 const READ_AHEAD: usize = 4 * (16 * 1024 + 256);
 
+/// A read at least this large marks bulk traffic, for which the buffer is kept between reads.
+const BULK_FILL: usize = 16 * 1024;
+
 /// A transport whose small reads are served from one larger read-ahead; writes pass straight through.
 #[derive(Debug)]
 pub(crate) struct ReadAhead<IO> {
     io: IO,
-    /// Bytes read from `io` and not yet handed out. Empty with no capacity while the socket is idle.
+    /// Bytes read from `io` and not yet handed out. No capacity while the socket is idle.
     buffered: BytesMut,
+    /// Size of the last read from `io`: whether the traffic is bulk.
+    last_fill: usize,
 }
 
 impl<IO> ReadAhead<IO> {
@@ -31,6 +38,7 @@ impl<IO> ReadAhead<IO> {
         ReadAhead {
             io,
             buffered: BytesMut::new(),
+            last_fill: 0,
         }
     }
 }
@@ -50,8 +58,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
             this.buffered.reserve(READ_AHEAD);
             match tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buffered) {
                 Poll::Pending => {
-                    // Nothing to read now, maybe for a long time: give the memory back.
-                    this.buffered = BytesMut::new();
+                    // Nothing to read now, maybe for a long time: give the memory back, unless this is a
+                    // pause in bulk traffic.
+                    if this.last_fill < BULK_FILL {
+                        this.buffered = BytesMut::new();
+                    }
                     return Poll::Pending;
                 }
                 Poll::Ready(Err(error)) => {
@@ -63,7 +74,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for ReadAhead<IO> {
                     this.buffered = BytesMut::new();
                     return Poll::Ready(Ok(()));
                 }
-                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Ok(n)) => this.last_fill = n,
             }
         }
         let n = this.buffered.len().min(out.remaining());
@@ -143,6 +154,32 @@ mod tests {
         writer.write_all(b"again").await.unwrap();
         let n = reader.read(&mut out).await.unwrap();
         assert_eq!(&out[..n], b"again");
+    }
+
+    #[tokio::test]
+    async fn the_buffer_stays_between_bulk_reads_and_goes_after_a_small_one() {
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let mut reader = ReadAhead::new(reader);
+        writer.write_all(&vec![3u8; READ_AHEAD]).await.unwrap();
+        let mut out = vec![0u8; 4096];
+        let mut total = 0;
+        while total < READ_AHEAD {
+            total += reader.read(&mut out).await.unwrap();
+        }
+        let wait = std::time::Duration::from_millis(20);
+        assert!(tokio::time::timeout(wait, reader.read(&mut out)).await.is_err());
+        assert!(
+            reader.buffered.capacity() > 0,
+            "a pause in bulk traffic keeps the buffer"
+        );
+        writer.write_all(b"ping").await.unwrap();
+        assert_eq!(reader.read(&mut out).await.unwrap(), 4);
+        assert!(tokio::time::timeout(wait, reader.read(&mut out)).await.is_err());
+        assert_eq!(
+            reader.buffered.capacity(),
+            0,
+            "after a small read an idle socket holds nothing"
+        );
     }
 
     #[tokio::test]
