@@ -43,11 +43,7 @@ where
     std::future::poll_fn(|cx| {
         let to_upstream = sent.poll_copy(cx, &mut *client, &mut *upstream, record)?;
         let to_client = received.poll_copy(cx, &mut *upstream, &mut *client, record)?;
-        if to_upstream.is_ready() && to_client.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+        both_done(to_upstream, to_client)
     })
     .await
 }
@@ -97,13 +93,25 @@ where
     std::future::poll_fn(|cx| {
         let inward = into_tunnel.poll_copy(cx, &mut *plain, &mut *tunnel, record)?;
         let outward = out_of_tunnel.poll_copy(cx, &mut *tunnel, &mut *plain, record)?;
-        if inward.is_ready() && outward.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
-            Poll::Pending
-        }
+        both_done(inward, outward)
     })
     .await
+}
+
+/// A copy is done when both of its directions are.
+fn both_done(first: Poll<()>, second: Poll<()>) -> Poll<io::Result<()>> {
+    if first.is_ready() && second.is_ready() {
+        Poll::Ready(Ok(()))
+    } else {
+        Poll::Pending
+    }
+}
+
+/// The end of a direction: what was written is flushed, then the writer is shut down (a FIN, or
+/// END_STREAM on a tunnel).
+fn poll_finish<W: AsyncWrite + Unpin + ?Sized>(cx: &mut Context<'_>, writer: &mut W) -> Poll<io::Result<()>> {
+    ready!(Pin::new(&mut *writer).poll_flush(cx))?;
+    Pin::new(&mut *writer).poll_shutdown(cx)
 }
 
 fn count(record: &ConnectionRecord, direction: Direction, bytes: usize) {
@@ -179,7 +187,7 @@ impl PlainToTunnel {
                 ready!(tunnel.poll_write_chunk(cx, &mut self.pending))?;
             }
             if self.read_eof {
-                ready!(Pin::new(&mut *tunnel).poll_shutdown(cx))?;
+                ready!(poll_finish(cx, tunnel))?;
                 self.buf = BytesMut::new();
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -246,8 +254,7 @@ impl TunnelToPlain {
                 self.need_flush = true;
             }
             if self.read_eof {
-                ready!(Pin::new(&mut *plain).poll_flush(cx))?;
-                ready!(Pin::new(&mut *plain).poll_shutdown(cx))?;
+                ready!(poll_finish(cx, plain))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -328,8 +335,7 @@ impl OneWay {
                 self.need_flush = true;
             }
             if self.read_eof {
-                ready!(Pin::new(&mut *writer).poll_flush(cx))?;
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx))?;
+                ready!(poll_finish(cx, writer))?;
                 self.buf = BytesMut::new();
                 self.done = true;
                 return Poll::Ready(Ok(()));
