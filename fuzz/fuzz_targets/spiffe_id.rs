@@ -6,7 +6,9 @@ use libfuzzer_sys::fuzz_target;
 use mesh_core::SpiffeId;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(id) = SpiffeId::parse(text) {
         assert_eq!(id.as_str(), text);
         assert!(id.as_str().is_ascii());

@@ -517,6 +517,172 @@ fn jitter(base: Duration) -> Duration {
     base.mul_f64(0.8 + fastrand::f64() * 0.4)
 }
 
+#[doc(hidden)]
+/// Entry point for the `zds` fuzz target in `fuzz/`: not part of the API.
+pub mod __fuzz {
+    use std::collections::HashSet;
+    use std::fs::File;
+    use std::os::fd::OwnedFd;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::{
+        BoxError, MAX_REQUEST_BYTES, PodFuture, PodManager, WorkloadInfo, ZdsRequest, decode_request,
+        encode_ack,
+    };
+    use crate::inpod::netns::InPodNetns;
+    use crate::inpod::state::{Handled, PodTable};
+
+    /// Pods one session may serve: small, so that the limits are reached.
+    const MAX_PODS: usize = 4;
+
+    /// The pods the manager serves, checked against the calls the table makes.
+    #[derive(Debug, Default)]
+    struct Served(Mutex<HashSet<Arc<str>>>);
+
+    impl Served {
+        fn with<R>(&self, f: impl FnOnce(&mut HashSet<Arc<str>>) -> R) -> R {
+            let mut guard = match self.0.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            f(&mut guard)
+        }
+    }
+
+    impl PodManager for Served {
+        fn add(
+            &self,
+            uid: Arc<str>,
+            _info: WorkloadInfo,
+            _netns: InPodNetns,
+        ) -> PodFuture<'_, Result<(), BoxError>> {
+            Box::pin(async move {
+                // The table must stop a pod before starting it again (a new namespace).
+                assert!(
+                    !self.with(|s| s.contains(&uid)),
+                    "add for pod {uid:?}, already served"
+                );
+                if uid.contains("fail") {
+                    return Err("address in use".into());
+                }
+                self.with(|s| s.insert(uid));
+                Ok(())
+            })
+        }
+
+        fn del(&self, uid: Arc<str>) -> PodFuture<'_, ()> {
+            Box::pin(async move {
+                assert!(self.with(|s| s.remove(&uid)), "del for pod {uid:?}, not served");
+            })
+        }
+    }
+
+    /// A file to pass as a packet's descriptor: our own network namespace, another kind of namespace
+    /// (a different id, as when a pod's sandbox is recreated), or a file that is no namespace.
+    fn fd(kind: u8) -> Option<OwnedFd> {
+        let path = match kind % 3 {
+            0 => "/proc/self/ns/net",
+            1 => "/proc/self/ns/uts",
+            _ => "/dev/null",
+        };
+        File::open(path).ok().map(OwnedFd::from)
+    }
+
+    /// Plays `bytes` as a series of ZDS packets from istio-cni through the request decoder and the pod
+    /// table, the way the client does (a protocol violation ends the connection; the next packet is on a
+    /// new one), checking on every step: the ack fits istio-cni's read buffer, the table never holds
+    /// more than its limit of pods, it starts and stops pods in a consistent order (never starting a
+    /// served pod or stopping one it did not start) and its count matches the pods started, and after a
+    /// snapshot it serves only pods that snapshot named.
+    ///
+    /// Each packet is a control byte, a big-endian `u16` length and that many bytes of message. Control
+    /// bits: 0-1 how many descriptors come with it (0-3), 2-3 which file they are, 4 a new connection
+    /// before it, 5 retry pending pods before it, 6 the kernel truncated its control data. Returns how many
+    /// pods are served at the end.
+    pub async fn session(mut bytes: &[u8]) -> usize {
+        let manager = Served::default();
+        let mut table = PodTable::new(MAX_PODS, Duration::from_secs(4));
+        table.new_connection();
+        // What the current connection's snapshot named (add or keep, not deleted since): a superset of
+        // what the table must keep when `snapshot_sent` arrives.
+        let mut named: HashSet<Arc<str>> = HashSet::new();
+        let mut snapshot_done = false;
+        while let [control, high, low, rest @ ..] = bytes {
+            let len = usize::from(u16::from_be_bytes([*high, *low])).min(rest.len());
+            let (message, next) = rest.split_at(len);
+            bytes = next;
+            if control & 0x10 != 0 {
+                table.new_connection();
+                named.clear();
+                snapshot_done = false;
+            }
+            if control & 0x20 != 0 {
+                table.retry_pending(&manager).await;
+            }
+            let fds: Vec<OwnedFd> = (0..control & 0x3)
+                .filter_map(|_| fd((control >> 2) & 0x3))
+                .collect();
+            // As the socket delivers it: at most MAX_REQUEST_BYTES, flagged when there was more.
+            let truncated = message.len() > MAX_REQUEST_BYTES;
+            let message = &message[..message.len().min(MAX_REQUEST_BYTES)];
+            let handled = match decode_request(message, fds, truncated, control & 0x40 != 0) {
+                Ok(request) => {
+                    let snapshot = matches!(request, ZdsRequest::SnapshotSent);
+                    if !snapshot_done {
+                        match &request {
+                            ZdsRequest::Add { uid, .. } | ZdsRequest::Keep { uid } => {
+                                named.insert(uid.clone());
+                            }
+                            ZdsRequest::Del { uid } => {
+                                named.remove(uid);
+                            }
+                            ZdsRequest::SnapshotSent => {}
+                        }
+                    }
+                    let handled = table.handle(request, &manager).await;
+                    if snapshot && matches!(handled, Handled::Ok) {
+                        snapshot_done = true;
+                        manager.with(|served| {
+                            let extra: Vec<_> = served.difference(&named).collect();
+                            assert!(
+                                extra.is_empty(),
+                                "pods {extra:?} outlived a snapshot that did not name them"
+                            );
+                        });
+                    }
+                    handled
+                }
+                Err(e) => Handled::Violation(e),
+            };
+            let error = match &handled {
+                Handled::Ok => String::new(),
+                Handled::PodFailed(reason) => reason.clone(),
+                Handled::Violation(e) => e.to_string(),
+            };
+            let ack = encode_ack(&error);
+            assert!(ack.len() <= MAX_REQUEST_BYTES, "a {}-byte ack", ack.len());
+            assert!(
+                table.running() + table.pending() <= MAX_PODS,
+                "{} running and {} pending pods, limit {MAX_PODS}",
+                table.running(),
+                table.pending()
+            );
+            assert_eq!(
+                manager.with(|s| s.len()),
+                table.running(),
+                "pods served vs pods the table counts"
+            );
+            if matches!(handled, Handled::Violation(_)) {
+                table.new_connection();
+                named.clear();
+                snapshot_done = false;
+            }
+        }
+        table.running()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs::File;
@@ -607,5 +773,37 @@ mod tests {
         };
         assert!(ack.error.len() <= MAX_ACK_ERROR_BYTES && ack.error.len() >= MAX_ACK_ERROR_BYTES - 1);
         assert!(encode_ack(&long).len() < MAX_REQUEST_BYTES);
+    }
+
+    /// The fuzz target's session (which asserts the table's invariants on every step) over a typical
+    /// conversation: a snapshot, a failing pod retried, a reconnection that reconciles, a violation.
+    #[tokio::test(start_paused = true)]
+    async fn the_fuzz_session_holds_its_invariants_over_a_conversation() {
+        fn packet(control: u8, message: &[u8]) -> Vec<u8> {
+            let mut out = vec![control];
+            out.extend_from_slice(&u16::try_from(message.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(message);
+            out
+        }
+        let snapshot = request(Payload::SnapshotSent(proto::SnapshotSent {}));
+        let keep = request(Payload::Keep(proto::KeepWorkload { uid: "b".into() }));
+        let conversation = [
+            packet(1, &add("a", true)),
+            packet(1, &add("b", true)),
+            packet(1, &add("fail-c", true)),
+            packet(0, &snapshot),
+            packet(
+                0x20,
+                &request(Payload::Del(proto::DelWorkload { uid: "fail-c".into() })),
+            ),
+            packet(0x10 | 1, &add("a", true)),
+            packet(0, &keep),
+            packet(0, &snapshot),
+            packet(0, &keep),
+            packet(0, &[0xff, 0xff]),
+        ]
+        .concat();
+        // "fail-c" never started and was deleted; "a" and "b" outlived the reconnection.
+        assert_eq!(super::__fuzz::session(&conversation).await, 2);
     }
 }

@@ -313,7 +313,19 @@ fn validate(located: &Located) -> Result<(), XdsError> {
     }
     let mut keys: HashMap<String, &Origin> = HashMap::new();
     for (service, origin) in &located.services {
-        if let Some(first) = keys.insert(service.key().to_string(), origin) {
+        // Workloads name their services by this key in xDS (`namespace/hostname`): one that does not
+        // parse back would make ztunnel refuse every workload of the service.
+        let key = service.key().to_string();
+        if key.parse::<mesh_core::model::NamespacedHostname>().is_err() {
+            return Err(origin.error(
+                "",
+                format!(
+                    "service {:?}: a namespace or hostname must not contain '/'",
+                    crate::error::truncate_for_log(&key)
+                ),
+            ));
+        }
+        if let Some(first) = keys.insert(key, origin) {
             return Err(origin.error(
                 "",
                 format!(

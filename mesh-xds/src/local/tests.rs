@@ -1224,3 +1224,33 @@ fn service_entry_selecting_pods() {
         "a selecting entry has no endpoints of its own"
     );
 }
+
+/// Found by the `local_xds` fuzz target: a hostname with a '/' loaded, but the workloads of its service
+/// named it by a key (`namespace/hostname`) that ztunnel cannot parse, so the whole push was refused.
+#[test]
+fn a_service_key_that_cannot_be_sent_is_refused() {
+    let service_entry = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: external, namespace: shop}
+spec:
+  hosts: [api.example.com/v1]
+  ports: [{number: 443, name: https}]
+  resolution: DNS
+"#;
+    assert_eq!(
+        error(service_entry),
+        "test.yaml:2:1: service \"shop/api.example.com/v1\": a namespace or hostname must not contain '/'"
+    );
+    let ztunnel = r#"
+services:
+- name: echo
+  namespace: default
+  hostname: echo/default
+"#;
+    assert!(
+        error(ztunnel).contains("must not contain '/'"),
+        "{}",
+        error(ztunnel)
+    );
+}
