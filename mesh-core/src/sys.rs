@@ -1,9 +1,10 @@
 //! Linux socket plumbing for a transparent proxy: where a captured connection was going, marking the
 //! proxy's own sockets so capture rules skip them, and connecting from a client's address.
 //!
-//! DESIGN.md principle 7 reserves this module for `unsafe` code; none is needed today, because
-//! [`socket2`] wraps each of these socket options safely. Everything here is Linux-only: on other systems
-//! every function returns an [`io::ErrorKind::Unsupported`] error, so the crate still builds there.
+//! DESIGN.md principle 7 reserves this module for `unsafe` code. The socket options need none, because
+//! [`socket2`] wraps each of them safely; the one submodule that needs it is [`allocator`] (two glibc
+//! calls, each with its `SAFETY` comment). Everything here is Linux-only: on other systems every function
+//! returns an [`io::ErrorKind::Unsupported`] error, so the crate still builds there.
 //!
 //! How Istio's capture uses these:
 //! - `iptables -j REDIRECT` (or `DNAT`) rewrites a connection's destination to the proxy's port; the
@@ -20,6 +21,10 @@ use std::io;
 use std::net::SocketAddr;
 
 use tokio::net::{TcpSocket, TcpStream};
+
+// The crate forbids `unsafe` everywhere else (DESIGN.md principle 7).
+#[allow(unsafe_code)]
+pub mod allocator;
 
 /// The packet mark Istio's ztunnel puts on its own sockets (`0x539`, 1337); the capture rules installed
 /// by istio-cni skip packets carrying it.

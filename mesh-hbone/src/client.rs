@@ -368,7 +368,7 @@ impl Inner {
         let cert = self.certs.certificate(&request.source).await?;
         let tls_config = tls::client_config(cert, request.expected_identities.clone())?;
         let tls_stream = TlsConnector::from(tls_config)
-            .connect(tls::server_name(), crate::readahead::ReadAhead::new(transport))
+            .connect(tls::server_name(), transport)
             .await
             .map_err(|source| HboneError::Tls { addr, source })?;
         if tls_stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {

@@ -72,7 +72,6 @@ mod config;
 mod error;
 pub mod headers;
 mod keepalive;
-mod readahead;
 mod select;
 mod server;
 mod socket;

@@ -347,14 +347,13 @@ where
                 Cow::Owned(TlsAcceptor::from(config))
             }
         };
-        let tls_stream =
-            tokio::time::timeout_at(deadline, acceptor.accept(crate::readahead::ReadAhead::new(io)))
-                .await
-                .map_err(|_| timed_out("TLS handshake"))?
-                .map_err(|source| HboneError::Tls {
-                    addr: peer_addr,
-                    source,
-                })?;
+        let tls_stream = tokio::time::timeout_at(deadline, acceptor.accept(io))
+            .await
+            .map_err(|_| timed_out("TLS handshake"))?
+            .map_err(|source| HboneError::Tls {
+                addr: peer_addr,
+                source,
+            })?;
         if tls_stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
             return Err(HboneError::NoH2Alpn { addr: peer_addr });
         }

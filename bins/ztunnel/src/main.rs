@@ -22,6 +22,12 @@ fn main() -> ExitCode {
         }
     };
     let logging = logging::init();
+    // Before the runtime's threads exist: keep freed HTTP/2 frame buffers warm instead of returning them to
+    // the kernel after every frame (see mesh_core::sys::allocator). Elsewhere than glibc there is nothing
+    // to tune, and the proxy works the same.
+    if let Err(error) = mesh_core::sys::allocator::tune(mesh_core::sys::allocator::Tuning::PROXY) {
+        tracing::debug!(%error, "allocator left at its defaults");
+    }
     // Istio's ztunnel sizes its data-path runtime at a quarter of the cores, at least two.
     let workers = config.args.worker_threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
