@@ -1,7 +1,9 @@
-//! The loads and what they measure. Each runs in the client node, bounded in time, first direct (capture
-//! off) and then through the mesh (capture on), while both proxies' CPU time and memory are read from
-//! `/proc`. The server proxy's connection counter says which path each run took, and a run that took the
-//! wrong one is an error, not a figure.
+//! The loads and what they measure. Each runs in the client node, bounded in time, three times: direct
+//! (no capture), through the plain relay pair (capture to 15101, the floor of any pair of user-space
+//! proxies) and through the mesh (capture to 15001), while both proxies' and both relays' CPU time and
+//! memory are read from `/proc`. The server proxy's connection counter and the server node's SYN counter
+//! for the server relay say which path each run took, and a run that took the wrong one is an error, not
+//! a figure.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::fixedrate::{self, FixedRateOutput, Plan};
 use crate::procfs::Sample;
 use crate::setup::{self, Tools};
-use crate::topology::{ChildGuard, IPERF_PORT, SERVER_IP, Topology};
+use crate::topology::{ChildGuard, DataPath, IPERF_PORT, SERVER_IP, Topology};
 use crate::{Args, Error, Result};
 
 /// Idle connections held open through the mesh to measure what each costs the proxies.
@@ -134,7 +136,7 @@ pub(crate) enum Output {
     FixedRate(FixedRateOutput),
 }
 
-/// One proxy during one run.
+/// One proxy (or relay) process during one run.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct ProxyUse {
     /// CPU time (user + system, all threads) spent during the run, seconds.
@@ -155,21 +157,29 @@ pub(crate) struct Run {
     pub(crate) client: ProxyUse,
     /// The server proxy.
     pub(crate) server: ProxyUse,
-    /// Connections the server proxy accepted from the mesh during the run (0 on the direct path).
+    /// The client relay.
+    pub(crate) client_relay: ProxyUse,
+    /// The server relay.
+    pub(crate) server_relay: ProxyUse,
+    /// Connections the server proxy accepted from the mesh during the run (0 off the mesh path).
     pub(crate) mesh_connections: f64,
+    /// TCP connections opened to the server relay during the run (0 off the relay path).
+    pub(crate) relay_connections: u64,
     /// TCP connections opened to the server proxy's 15008 during the run: HBONE connections, each with
     /// its own TLS handshake, as opposed to streams on a pooled one.
     pub(crate) hbone_connections: u64,
 }
 
-/// A load, direct and through the mesh.
+/// A load, direct, through the relays and through the mesh.
 #[derive(Debug, Clone)]
 pub(crate) struct LoadResult {
     /// Which load.
     pub(crate) load: Load,
-    /// Capture off: straight over the veth.
+    /// No capture: straight over the veth.
     pub(crate) direct: Run,
-    /// Capture on: through both proxies.
+    /// Captured to the plain relay pair.
+    pub(crate) relay: Run,
+    /// Captured to our proxies.
     pub(crate) mesh: Run,
 }
 
@@ -189,6 +199,8 @@ pub(crate) struct IdleConnections {
 pub(crate) struct Results {
     /// Each proxy's `VmRSS` when idle, after start-up and one request, KiB (client, server).
     pub(crate) idle_kib: [u64; 2],
+    /// Each relay's `VmRSS` when idle, after start-up and one request, KiB (client, server).
+    pub(crate) relay_idle_kib: [u64; 2],
     /// The idle-connection measurement.
     pub(crate) idle_connections: IdleConnections,
     /// Each load, in [`LOADS`] order.
@@ -199,18 +211,20 @@ pub(crate) struct Results {
     pub(crate) hbone_connections_total: u64,
 }
 
-/// Runs the idle measurements, then every load direct and through the mesh, printing progress.
+/// Runs the idle measurements, then every load direct, through the relays and through the mesh,
+/// printing progress.
 pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args) -> Result<Results> {
     tokio::time::sleep(SETTLE).await;
-    let idle = sample_both(topology)?;
+    let idle = sample_all(topology)?;
     let idle_kib = [idle[0].rss_kib, idle[1].rss_kib];
+    let relay_idle_kib = [idle[2].rss_kib, idle[3].rss_kib];
     println!(
-        "meshbench: idle RSS: client proxy {} KiB, server proxy {} KiB",
-        idle_kib[0], idle_kib[1]
+        "meshbench: idle RSS: client proxy {} KiB, server proxy {} KiB; client relay {} KiB, server relay {} KiB",
+        idle_kib[0], idle_kib[1], relay_idle_kib[0], relay_idle_kib[1]
     );
 
     // What an idle tunnel costs: connections through the mesh, each used once, then left open.
-    topology.set_capture(true)?;
+    topology.set_capture(DataPath::Mesh)?;
     let tunnels_before = topology.mesh_connections()?;
     let streams = topology.open_idle_connections(IDLE_CONNECTIONS)?;
     let tunnelled = topology.mesh_connections()? - tunnels_before;
@@ -220,7 +234,7 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
         )));
     }
     tokio::time::sleep(SETTLE).await;
-    let open = sample_both(topology)?;
+    let open = sample_all(topology)?;
     drop(streams);
     let idle_connections = IdleConnections {
         count: IDLE_CONNECTIONS,
@@ -235,16 +249,24 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
 
     let mut loads = Vec::with_capacity(LOADS.len());
     for load in LOADS {
-        topology.set_capture(false)?;
-        let direct = measure(topology, tools, &load, args.duration, false).await?;
-        topology.set_capture(true)?;
-        let mesh = measure(topology, tools, &load, args.duration, true).await?;
-        let result = LoadResult { load, direct, mesh };
+        topology.set_capture(DataPath::Direct)?;
+        let direct = measure(topology, tools, &load, args.duration, DataPath::Direct).await?;
+        topology.set_capture(DataPath::Relay)?;
+        let relay = measure(topology, tools, &load, args.duration, DataPath::Relay).await?;
+        topology.set_capture(DataPath::Mesh)?;
+        let mesh = measure(topology, tools, &load, args.duration, DataPath::Mesh).await?;
+        let result = LoadResult {
+            load,
+            direct,
+            relay,
+            mesh,
+        };
         println!("meshbench: {}: {}", load.name, result.summary());
         loads.push(result);
     }
     Ok(Results {
         idle_kib,
+        relay_idle_kib,
         idle_connections,
         loads,
         load_average_after: setup::load_average(),
@@ -266,8 +288,11 @@ impl LoadResult {
             ),
         };
         format!(
-            "direct {}, mesh {} ({} connections through the server proxy, {} new HBONE connections)",
+            "direct {}, relay {} ({} connections through the server relay), mesh {} ({} connections \
+             through the server proxy, {} new HBONE connections)",
             figure(&self.direct),
+            figure(&self.relay),
+            self.relay.relay_connections,
             figure(&self.mesh),
             self.mesh.mesh_connections,
             self.mesh.hbone_connections
@@ -275,28 +300,59 @@ impl LoadResult {
     }
 }
 
-/// Reads both proxies.
-fn sample_both(topology: &Topology) -> Result<[Sample; 2]> {
-    Ok([topology.client_proxy.sample()?, topology.server_proxy.sample()?])
+/// Reads both proxies and both relays (client proxy, server proxy, client relay, server relay).
+fn sample_all(topology: &Topology) -> Result<[Sample; 4]> {
+    Ok([
+        topology.client_proxy.sample()?,
+        topology.server_proxy.sample()?,
+        topology.client_relay.sample()?,
+        topology.server_relay.sample()?,
+    ])
 }
 
-/// Runs one load on the current path and checks that it took the path `through_mesh` says.
+/// Whether a run's connection counters match the path it was meant to take: an error naming what went
+/// wrong if not. `mesh` counts connections the server proxy accepted, `relay` those the server relay did.
+fn check_path(path: DataPath, mesh: f64, relay: u64) -> std::result::Result<(), String> {
+    let (want_mesh, want_relay) = match path {
+        DataPath::Direct => (false, false),
+        DataPath::Relay => (false, true),
+        DataPath::Mesh => (true, false),
+    };
+    match (mesh >= 1.0, relay >= 1) {
+        (true, _) if !want_mesh => Err(format!(
+            "the server proxy accepted {mesh} connections, so the traffic went through the mesh"
+        )),
+        (_, true) if !want_relay => Err(format!(
+            "the server relay accepted {relay} connections, so the traffic went through the relays"
+        )),
+        (false, _) if want_mesh => {
+            Err("the server proxy accepted no connection, so the traffic did not go through the mesh".into())
+        }
+        (_, false) if want_relay => Err(
+            "the server relay accepted no connection, so the traffic did not go through the relays".into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Runs one load on the current path and checks that it took `path`.
 async fn measure(
     topology: &Topology,
     tools: &Tools,
     load: &Load,
     duration: Duration,
-    through_mesh: bool,
+    path: DataPath,
 ) -> Result<Run> {
-    let path = if through_mesh { "mesh" } else { "direct" };
     let connections_before = topology.mesh_connections()?;
     let hbone_before = topology.hbone_connections()?;
-    let before = sample_both(topology)?;
-    let mut rss_max = [0u64; 2];
-    let mut generator = Generator::start(topology, load, duration, path)?;
+    let relay_before = topology.relay_connections()?;
+    let before = sample_all(topology)?;
+    let mut rss_max = [0u64; 4];
+    let name = path.name();
+    let mut generator = Generator::start(topology, load, duration, name)?;
     let deadline = Instant::now() + duration + GRACE;
     loop {
-        let now = sample_both(topology)?;
+        let now = sample_all(topology)?;
         for (max, sample) in rss_max.iter_mut().zip(now) {
             *max = (*max).max(sample.rss_kib);
         }
@@ -305,29 +361,26 @@ async fn measure(
         }
         if Instant::now() >= deadline {
             return Err(Error::Load(format!(
-                "{} ({path}) did not finish within {:?}; stopped",
+                "{} ({name}) did not finish within {:?}; stopped",
                 load.name,
                 duration + GRACE
             )));
         }
         tokio::time::sleep(SAMPLE_EVERY).await;
     }
-    let after = sample_both(topology)?;
-    let output = generator.output(load, path)?;
+    let after = sample_all(topology)?;
+    let output = generator.output(load, name)?;
     let mesh_connections = topology.mesh_connections()? - connections_before;
     let hbone_connections = topology.hbone_connections()?.saturating_sub(hbone_before);
-    if through_mesh && mesh_connections < 1.0 {
+    let relay_connections = topology.relay_connections()?.saturating_sub(relay_before);
+    if let Err(why) = check_path(path, mesh_connections, relay_connections) {
         return Err(Error::Load(format!(
-            "{} (mesh): the server proxy accepted no connection, so the traffic did not go through the mesh\n{}\n{}",
+            "{} ({name}): {why}\n{}\n{}\n{}\n{}",
             load.name,
             topology.client_proxy.log_tail(),
-            topology.server_proxy.log_tail()
-        )));
-    }
-    if !through_mesh && mesh_connections > 0.0 {
-        return Err(Error::Load(format!(
-            "{} (direct): the server proxy accepted {mesh_connections} connections, so the capture was not off",
-            load.name
+            topology.server_proxy.log_tail(),
+            topology.client_relay.log_tail(),
+            topology.server_relay.log_tail()
         )));
     }
     let ticks = tools.clk_tck as f64;
@@ -342,7 +395,10 @@ async fn measure(
         output,
         client: proxy_use(0),
         server: proxy_use(1),
+        client_relay: proxy_use(2),
+        server_relay: proxy_use(3),
         mesh_connections,
+        relay_connections,
         hbone_connections,
     })
 }
@@ -362,8 +418,8 @@ enum Generator {
 }
 
 impl Generator {
-    /// Starts `load`'s generator in the client node for `duration`; `path` ("direct" or "mesh") names
-    /// its output file.
+    /// Starts `load`'s generator in the client node for `duration`; `path` ("direct", "relay" or
+    /// "mesh") names its output file.
     fn start(topology: &Topology, load: &Load, duration: Duration, path: &str) -> Result<Generator> {
         match load.kind {
             Kind::FixedRate {
@@ -631,6 +687,23 @@ Transfer/sec:     23.16MB
             parse_iperf3(r#"{"start":{},"end":{},"error":"unable to connect to server"}"#).unwrap_err();
         assert!(error.contains("unable to connect"), "{error}");
         assert!(parse_iperf3("iperf3: error").is_err());
+    }
+
+    #[test]
+    fn each_path_must_show_in_its_own_counter_and_no_other() {
+        assert!(check_path(DataPath::Direct, 0.0, 0).is_ok());
+        assert!(check_path(DataPath::Relay, 0.0, 2).is_ok());
+        assert!(check_path(DataPath::Mesh, 64.0, 0).is_ok());
+        let error = check_path(DataPath::Direct, 0.0, 1).unwrap_err();
+        assert!(error.contains("through the relays"), "{error}");
+        let error = check_path(DataPath::Relay, 0.0, 0).unwrap_err();
+        assert!(error.contains("did not go through the relays"), "{error}");
+        let error = check_path(DataPath::Relay, 3.0, 3).unwrap_err();
+        assert!(error.contains("through the mesh"), "{error}");
+        let error = check_path(DataPath::Mesh, 0.0, 0).unwrap_err();
+        assert!(error.contains("did not go through the mesh"), "{error}");
+        let error = check_path(DataPath::Mesh, 5.0, 1).unwrap_err();
+        assert!(error.contains("through the relays"), "{error}");
     }
 
     #[test]

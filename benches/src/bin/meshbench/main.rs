@@ -1,9 +1,11 @@
-//! # meshbench: our ztunnel end to end, against the same path without it
+//! # meshbench: our ztunnel end to end, against the same path without it and with the cheapest proxies
 //!
 //! `cargo run -p meshkit-benches --release --bin meshbench -- [--quick] [--json FILE] [--plot FILE.svg]
 //! [--ztunnel PATH]`
 //! (as root). One command measures what issue 7 asks of the data plane, as ratios against a baseline
-//! measured in the same run:
+//! measured in the same run, and against a floor measured in the same run too: a plain relay pair
+//! (`relay`) that does only what any pair of user-space proxies must (accept, connect, copy both ways),
+//! so that `mesh / relay` isolates what our proxies' own code costs on this machine:
 //!
 //! 1. **Setup** (`setup`): checks root, `ip` and `iptables`; installs `wrk` and `iperf3` with
 //!    `apt-get install` when they are missing (and says so); builds our proxy with
@@ -13,20 +15,28 @@
 //!    our ztunnel in each (dedicated mode: one workload per proxy); the local control plane
 //!    (`mesh_xds::server::Server`, static tokens) on a thread joined to the server namespace; an HTTP/1.1
 //!    keep-alive server (`http`, `GET /` answers 200 with 1 KiB), an echo server (`fixedrate`, each
-//!    1 KiB request answered with itself) and `iperf3 -s` in the server namespace. In the client namespace iptables REDIRECTs the application's traffic to 15001; the
-//!    baseline runs with that one rule removed, so the same client reaches the same server directly over the
-//!    veth. Each measurement checks the server proxy's connection counter to prove which path it took.
+//!    1 KiB request answered with itself) and `iperf3 -s` in the server namespace; the plain relay pair,
+//!    meshbench's own binary run again with a hidden subcommand (`--relay-client 0.0.0.0:15101
+//!    10.10.0.2:15108` in the client namespace, `--relay-server 10.10.0.2:15108` in the server
+//!    namespace: a 6-byte header with the original destination, then `copy_bidirectional`, plaintext, two
+//!    tokio workers, `TCP_NODELAY`). In the client namespace one iptables rule REDIRECTs the application's
+//!    traffic: to 15001 for the mesh, to 15101 for the relay path, and no rule for the baseline, so the
+//!    same client reaches the same server directly over the veth. Each measurement checks the server
+//!    proxy's connection counter and the server node's SYN counter for 15108 to prove which path it took.
 //! 3. **Loads** (`load`), each bounded in time (10 s, 3 s with `--quick`) and run direct, then through the
-//!    mesh: `wrk --latency` keep-alive with 1 and 64 connections, `wrk` with `Connection: close` and 16
+//!    relays, then through the mesh: `wrk --latency` keep-alive with 1 and 64 connections, `wrk` with
+//!    `Connection: close` and 16
 //!    connections, `iperf3 -J` with one stream, and our fixed-rate generator (`fixedrate`: 1,000
 //!    requests/s of 1 KiB over 4 connections, latency from each request's due time, so without
 //!    coordinated omission, in an HdrHistogram; after a 1 s warm-up). Before them: the proxies' idle memory, and the memory
 //!    each idle tunnelled connection costs (500 connections held open through the mesh).
-//! 4. **Report** (`report`): requests/s or Gbit/s, p50/p99, the ratio to the baseline, CPU of both
-//!    proxies per 1,000 requests or per GB (from `/proc/<pid>/stat`, see `procfs`), each proxy's RSS idle,
-//!    under load and at peak, the fixed-rate load's p50/p90/p99/p99.9/max, the issue's targets beside our
-//!    figures, and the machine; as a table, as JSON with `--json FILE`, and with `--plot FILE.svg` as a
-//!    chart of the fixed-rate load's latency by percentile, direct and mesh (`plot`).
+//! 4. **Report** (`report`): requests/s or Gbit/s, p50/p99, the ratios relay / direct, mesh / direct
+//!    and mesh / relay, CPU of both proxies and of both relays per 1,000 requests or per GB (from
+//!    `/proc/<pid>/stat`, see `procfs`), each proxy's RSS idle, under load and at peak (the relays' too),
+//!    the fixed-rate load's p50/p90/p99/p99.9/max on each path, the issue's targets (ratios to direct)
+//!    beside our figures with one line per load against the floor, and the machine; as a table, as JSON
+//!    with `--json FILE`, and with `--plot FILE.svg` as a chart of the fixed-rate load's latency by
+//!    percentile, direct, relay and mesh (`plot`).
 //! 5. **Cleanup**: every namespace, process, rule and file belongs to a guard that removes it when dropped,
 //!    on success, on error, and on Ctrl-C or SIGTERM (the signal ends the run at its next step and the
 //!    guards run).
@@ -42,6 +52,7 @@ mod http;
 mod load;
 mod plot;
 mod procfs;
+mod relay;
 mod report;
 mod setup;
 mod topology;
@@ -109,14 +120,16 @@ const USAGE: &str = "\
 usage: meshbench [--quick] [--json FILE] [--plot FILE.svg] [--ztunnel PATH] [--proxy-env NAME=VALUE]...
 
 Measures our ztunnel end to end in two network namespaces against the same path
-without it (see docs/performance.md). Needs root; installs wrk and iperf3 with
-apt-get when they are missing; builds the proxy with
+without it (direct) and through a plain relay pair (relay: plaintext, no HTTP/2,
+the floor of any two user-space proxies), each load direct, relay, then mesh
+(see docs/performance.md). Needs root; installs wrk and iperf3 with apt-get when
+they are missing; builds the proxy with
 `cargo build --release -p ztunnel` unless --ztunnel names a binary.
 
   --quick         3-second loads instead of 10
   --json FILE     also write the results as JSON to FILE
   --plot FILE.svg also write the fixed-rate load's latency by percentile,
-                  direct and mesh, as an SVG chart to FILE.svg
+                  direct, relay and mesh, as an SVG chart to FILE.svg
   --ztunnel PATH  use this ztunnel binary instead of building one
   --proxy-env NAME=VALUE
                   also set NAME=VALUE in both proxies' environment (repeatable),
@@ -177,7 +190,12 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    // The relay processes are this binary run again (`relay`); they never reach the benchmark's setup.
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(code) = relay::main_if_relay(&raw) {
+        return code;
+    }
+    let args = match Args::parse(raw.into_iter()) {
         Ok(args) => args,
         Err(why) if why.is_empty() => {
             println!("{USAGE}");

@@ -1,5 +1,5 @@
-//! `--plot FILE.svg`: the fixed-rate load's latency by percentile, direct and through the mesh, as an SVG
-//! chart drawn with plotters' SVG backend (text is written as SVG `<text>`, so no font library is
+//! `--plot FILE.svg`: the fixed-rate load's latency by percentile, direct, through the plain relay pair
+//! and through the mesh, as an SVG chart drawn with plotters' SVG backend (text is written as SVG `<text>`, so no font library is
 //! needed).
 //!
 //! The percentile axis is the usual one for latency distributions: `x = log10(1 / (1 - p))`, so 90 %,
@@ -147,14 +147,15 @@ fn draw(
     Ok(())
 }
 
-/// The chart of the run's fixed-rate load, direct and mesh.
+/// The chart of the run's fixed-rate load, direct, relay and mesh.
 pub(crate) fn fixed_rate_chart(results: &Results) -> Result<String, String> {
     let result = results
         .loads
         .iter()
         .find(|result| matches!(result.load.kind, Kind::FixedRate { .. }))
         .ok_or("the run has no fixed-rate load to plot")?;
-    let (Output::FixedRate(direct), Output::FixedRate(mesh)) = (&result.direct.output, &result.mesh.output)
+    let (Output::FixedRate(direct), Output::FixedRate(relay), Output::FixedRate(mesh)) =
+        (&result.direct.output, &result.relay.output, &result.mesh.output)
     else {
         return Err("the fixed-rate load has no latency histograms".into());
     };
@@ -164,10 +165,15 @@ pub(crate) fn fixed_rate_chart(results: &Results) -> Result<String, String> {
         crate::fixedrate::MESSAGE_BYTES / 1024
     );
     let direct_name = format!("direct (p50 {} µs)", direct.latency_at(50.0));
+    let relay_name = format!("plain relay pair (p50 {} µs)", relay.latency_at(50.0));
     let mesh_name = format!("mesh (p50 {} µs)", mesh.latency_at(50.0));
     latency_chart(
         &title,
-        &[(&direct_name, &direct.latency_us), (&mesh_name, &mesh.latency_us)],
+        &[
+            (&direct_name, &direct.latency_us),
+            (&relay_name, &relay.latency_us),
+            (&mesh_name, &mesh.latency_us),
+        ],
     )
 }
 

@@ -1,6 +1,8 @@
 //! The figures a run produced, derived into what issue 7 asks for (ratios to the baseline, CPU per 1,000
 //! requests or per GB, memory) and set beside the issue's targets; printed as Markdown tables (so they can
-//! be pasted into `docs/performance.md`) and written as JSON.
+//! be pasted into `docs/performance.md`) and written as JSON. Beside each mesh figure, the plain relay
+//! pair's (`relay`): `mesh / relay` is what our proxies cost above the floor any pair of user-space
+//! proxies has on this machine, while the issue's targets stay ratios to the direct path.
 //!
 //! Units: memory in MB of 10^6 bytes (the issue's targets are in MB and KB; `/proc` counts KiB, converted
 //! here), bulk CPU per GB of 10^9 bytes, rates in Gbit/s of 10^9 bits.
@@ -47,48 +49,68 @@ pub(crate) struct Report {
     results: Results,
 }
 
-/// What one load's mesh run cost compared with its direct run.
+/// What one load's mesh and relay runs cost compared with its direct run and with each other.
 #[derive(Debug, Clone, Copy)]
 struct Derived {
     /// Mesh figure over direct figure.
     ratio: f64,
+    /// Relay figure over direct figure.
+    relay_ratio: f64,
+    /// Mesh figure over relay figure: what our proxies keep of the floor.
+    mesh_over_relay: f64,
     /// CPU seconds of both proxies in the mesh run.
     cpu_seconds: f64,
-    /// For wrk: ms of both proxies' CPU per 1,000 requests; for iperf3: s per GB.
+    /// For wrk and the fixed rate: ms of both proxies' CPU per 1,000 requests; for iperf3: s per GB.
     cpu_per_unit: f64,
-    /// For wrk: mesh p50 minus direct p50, µs.
+    /// CPU seconds of both relays in the relay run.
+    relay_cpu_seconds: f64,
+    /// [`Derived::cpu_per_unit`] of both relays in the relay run.
+    relay_cpu_per_unit: f64,
+    /// Mesh p50 minus direct p50, µs (not for iperf3).
     added_p50_us: Option<f64>,
+    /// Relay p50 minus direct p50, µs (not for iperf3).
+    relay_added_p50_us: Option<f64>,
+}
+
+/// A run's headline figure (req/s or bit/s), its work (thousands of requests, or GB), the scale that
+/// makes CPU seconds per unit of work the unit the report shows (ms per 1,000 requests, s per GB), and
+/// its p50 latency in µs when it has one.
+fn headline(run: &Run) -> (f64, f64, f64, Option<f64>) {
+    match &run.output {
+        Output::Wrk(wrk) => (
+            wrk.requests_per_second,
+            wrk.requests.max(1) as f64 / 1e3,
+            1e3,
+            Some(wrk.p50_us),
+        ),
+        Output::Iperf(iperf) => (iperf.bits_per_second, iperf.bytes.max(1) as f64 / 1e9, 1.0, None),
+        // At a fixed rate the ratio says whether the path kept up; the latencies are the figures.
+        Output::FixedRate(fixed) => (
+            fixed.achieved_per_second,
+            fixed.requests.max(1) as f64 / 1e3,
+            1e3,
+            Some(fixed.latency_at(50.0) as f64),
+        ),
+    }
 }
 
 fn derive(result: &LoadResult) -> Derived {
+    let (direct, _, _, direct_p50) = headline(&result.direct);
+    let (relay, relay_work, scale, relay_p50) = headline(&result.relay);
+    let (mesh, mesh_work, _, mesh_p50) = headline(&result.mesh);
     let cpu_seconds = result.mesh.client.cpu_seconds + result.mesh.server.cpu_seconds;
-    match (&result.direct.output, &result.mesh.output) {
-        (Output::Wrk(direct), Output::Wrk(mesh)) => Derived {
-            ratio: mesh.requests_per_second / direct.requests_per_second,
-            cpu_seconds,
-            cpu_per_unit: cpu_seconds * 1e3 / (mesh.requests.max(1) as f64 / 1e3),
-            added_p50_us: Some(mesh.p50_us - direct.p50_us),
-        },
-        (Output::Iperf(direct), Output::Iperf(mesh)) => Derived {
-            ratio: mesh.bits_per_second / direct.bits_per_second,
-            cpu_seconds,
-            cpu_per_unit: cpu_seconds / (mesh.bytes.max(1) as f64 / 1e9),
-            added_p50_us: None,
-        },
-        // At a fixed rate the ratio says whether the mesh kept up; the latencies are the figures.
-        (Output::FixedRate(direct), Output::FixedRate(mesh)) => Derived {
-            ratio: mesh.achieved_per_second / direct.achieved_per_second,
-            cpu_seconds,
-            cpu_per_unit: cpu_seconds * 1e3 / (mesh.requests.max(1) as f64 / 1e3),
-            added_p50_us: Some(mesh.latency_at(50.0) as f64 - direct.latency_at(50.0) as f64),
-        },
-        // Both runs of a load use the same generator.
-        _ => Derived {
-            ratio: f64::NAN,
-            cpu_seconds,
-            cpu_per_unit: f64::NAN,
-            added_p50_us: None,
-        },
+    let relay_cpu_seconds = result.relay.client_relay.cpu_seconds + result.relay.server_relay.cpu_seconds;
+    let added = |p50: Option<f64>| p50.zip(direct_p50).map(|(path, direct)| path - direct);
+    Derived {
+        ratio: mesh / direct,
+        relay_ratio: relay / direct,
+        mesh_over_relay: mesh / relay,
+        cpu_seconds,
+        cpu_per_unit: cpu_seconds * scale / mesh_work,
+        relay_cpu_seconds,
+        relay_cpu_per_unit: relay_cpu_seconds * scale / relay_work,
+        added_p50_us: added(mesh_p50),
+        relay_added_p50_us: added(relay_p50),
     }
 }
 
@@ -276,9 +298,9 @@ impl Report {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "| load | direct | mesh | mesh / direct | p50 direct / mesh | p99 direct / mesh | CPU of both proxies | client proxy RSS load / peak | server proxy RSS load / peak |"
+            "| load | direct | relay | mesh | relay / direct | mesh / direct | mesh / relay | p50 direct / relay / mesh | p99 direct / relay / mesh | CPU of both relays | CPU of both proxies | client proxy RSS load / peak | server proxy RSS load / peak |"
         );
-        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for result in &self.results.loads {
             let derived = derive(result);
             let figure = |run: &Run| match &run.output {
@@ -294,26 +316,23 @@ impl Report {
                 Output::Iperf(iperf) => format!("{:.2} Gbit/s", iperf.bits_per_second / 1e9),
                 Output::FixedRate(fixed) => format!("{:.0} req/s", fixed.achieved_per_second),
             };
-            let latency = |percentile: f64| match (&result.direct.output, &result.mesh.output) {
-                (Output::Wrk(direct), Output::Wrk(mesh)) => {
-                    let pick = |wrk: &crate::load::WrkOutput| {
-                        if percentile < 90.0 { wrk.p50_us } else { wrk.p99_us }
-                    };
-                    format!("{:.0} / {:.0} µs", pick(direct), pick(mesh))
+            let latency = |percentile: f64| {
+                let at = |run: &Run| match &run.output {
+                    Output::Wrk(wrk) if percentile < 90.0 => Some(format!("{:.0}", wrk.p50_us)),
+                    Output::Wrk(wrk) => Some(format!("{:.0}", wrk.p99_us)),
+                    Output::FixedRate(fixed) => Some(fixed.latency_at(percentile).to_string()),
+                    Output::Iperf(_) => None,
+                };
+                match (at(&result.direct), at(&result.relay), at(&result.mesh)) {
+                    (Some(direct), Some(relay), Some(mesh)) => format!("{direct} / {relay} / {mesh} µs"),
+                    _ => "-".into(),
                 }
-                (Output::FixedRate(direct), Output::FixedRate(mesh)) => format!(
-                    "{} / {} µs",
-                    direct.latency_at(percentile),
-                    mesh.latency_at(percentile)
-                ),
-                _ => "-".into(),
             };
-            let cpu = match result.load.kind {
-                Kind::Iperf => format!("{:.2} s/GB ({:.2} s)", derived.cpu_per_unit, derived.cpu_seconds),
-                Kind::Wrk { .. } | Kind::FixedRate { .. } => format!(
-                    "{:.1} ms/1k req ({:.2} s)",
-                    derived.cpu_per_unit, derived.cpu_seconds
-                ),
+            let cpu = |per_unit: f64, seconds: f64| match result.load.kind {
+                Kind::Iperf => format!("{per_unit:.2} s/GB ({seconds:.2} s)"),
+                Kind::Wrk { .. } | Kind::FixedRate { .. } => {
+                    format!("{per_unit:.1} ms/1k req ({seconds:.2} s)")
+                }
             };
             let rss = |proxy: &ProxyUse| {
                 format!(
@@ -324,14 +343,18 @@ impl Report {
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | **{:.0} %** | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.0} % | **{:.0} %** | {:.0} % | {} | {} | {} | {} | {} | {} |",
                 result.load.name,
                 figure(&result.direct),
+                figure(&result.relay),
                 figure(&result.mesh),
+                derived.relay_ratio * 100.0,
                 derived.ratio * 100.0,
+                derived.mesh_over_relay * 100.0,
                 latency(50.0),
                 latency(99.0),
-                cpu,
+                cpu(derived.relay_cpu_per_unit, derived.relay_cpu_seconds),
+                cpu(derived.cpu_per_unit, derived.cpu_seconds),
                 rss(&result.mesh.client),
                 rss(&result.mesh.server),
             );
@@ -351,6 +374,24 @@ impl Report {
             mb(idle.open_kib[1]),
             per[0],
             per[1]
+        );
+        let relay_peak = |pick: fn(&Run) -> &ProxyUse| {
+            mb(self
+                .results
+                .loads
+                .iter()
+                .map(|result| pick(&result.relay).peak_kib)
+                .max()
+                .unwrap_or(0))
+        };
+        let _ = writeln!(
+            out,
+            "Relays (the floor): idle RSS client relay {:.1} MB, server relay {:.1} MB; peak over the run \
+             {:.1} / {:.1} MB.",
+            mb(self.results.relay_idle_kib[0]),
+            mb(self.results.relay_idle_kib[1]),
+            relay_peak(|run| &run.client_relay),
+            relay_peak(|run| &run.server_relay)
         );
         let _ = writeln!(
             out,
@@ -372,19 +413,62 @@ impl Report {
                 if target.met { "met" } else { "missed" }
             );
         }
+        self.floor_lines(&mut out);
         out
     }
 
-    /// The fixed-rate loads' latency distributions, direct and mesh, and what the mesh added.
+    /// One line per load: the mesh against the relay floor measured in the same run.
+    fn floor_lines(&self, out: &mut String) {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Against the floor (the plain relay pair: the same two extra TCP legs, no TLS, no HTTP/2, no \
+             policy), so what our proxies' own code costs:"
+        );
+        for result in &self.results.loads {
+            let derived = derive(result);
+            let unit = match result.load.kind {
+                Kind::Iperf => "s/GB",
+                Kind::Wrk { .. } | Kind::FixedRate { .. } => "ms/1k req",
+            };
+            let mut line = format!(
+                "- {}: mesh / relay **{:.0} %** (relay / direct {:.0} %, mesh / direct {:.0} %); CPU: proxies \
+                 {:.2} {unit}, relays {:.2} {unit}",
+                result.load.name,
+                derived.mesh_over_relay * 100.0,
+                derived.relay_ratio * 100.0,
+                derived.ratio * 100.0,
+                derived.cpu_per_unit,
+                derived.relay_cpu_per_unit,
+            );
+            if let (Some(mesh), Some(relay)) = (derived.added_p50_us, derived.relay_added_p50_us) {
+                let _ = write!(line, "; p50 mesh - relay {:+.0} µs", mesh - relay);
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+
+    /// The fixed-rate loads' latency distributions, direct, relay and mesh, and what the mesh added to
+    /// each of the other two.
     fn fixed_rate_table(&self, out: &mut String) {
-        let fixed: Vec<(&LoadResult, &FixedRateOutput, &FixedRateOutput)> = self
+        type Fixed<'a> = (
+            &'a LoadResult,
+            &'a FixedRateOutput,
+            &'a FixedRateOutput,
+            &'a FixedRateOutput,
+        );
+        let fixed: Vec<Fixed<'_>> = self
             .results
             .loads
             .iter()
-            .filter_map(|result| match (&result.direct.output, &result.mesh.output) {
-                (Output::FixedRate(direct), Output::FixedRate(mesh)) => Some((result, direct, mesh)),
-                _ => None,
-            })
+            .filter_map(
+                |result| match (&result.direct.output, &result.relay.output, &result.mesh.output) {
+                    (Output::FixedRate(direct), Output::FixedRate(relay), Output::FixedRate(mesh)) => {
+                        Some((result, direct, relay, mesh))
+                    }
+                    _ => None,
+                },
+            )
             .collect();
         if fixed.is_empty() {
             return;
@@ -405,8 +489,8 @@ impl Report {
             "| fixed-rate load | path | requests | achieved | p50 | p90 | p99 | p99.9 | max | timer lag p99 |"
         );
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
-        for (result, direct, mesh) in fixed {
-            for (path, run) in [("direct", direct), ("mesh", mesh)] {
+        for (result, direct, relay, mesh) in fixed {
+            for (path, run) in [("direct", direct), ("relay", relay), ("mesh", mesh)] {
                 let mut row = format!(
                     "| {} | {path} | {} | {:.0} req/s |",
                     result.load.name, run.requests, run.achieved_per_second
@@ -417,12 +501,14 @@ impl Report {
                 let _ = write!(row, " {} µs |", run.timer_lag_us.value_at_percentile(99.0));
                 let _ = writeln!(out, "{row}");
             }
-            let mut row = format!("| {} | mesh - direct | | |", result.load.name);
-            for percentile in PERCENTILES {
-                let added = mesh.latency_at(percentile) as i64 - direct.latency_at(percentile) as i64;
-                let _ = write!(row, " **{added:+} µs** |");
+            for (name, baseline) in [("mesh - direct", direct), ("mesh - relay", relay)] {
+                let mut row = format!("| {} | {name} | | |", result.load.name);
+                for percentile in PERCENTILES {
+                    let added = mesh.latency_at(percentile) as i64 - baseline.latency_at(percentile) as i64;
+                    let _ = write!(row, " **{added:+} µs** |");
+                }
+                let _ = writeln!(out, "{row} |");
             }
-            let _ = writeln!(out, "{row} |");
         }
     }
 
@@ -456,7 +542,10 @@ impl Report {
                 "output": output,
                 "client_proxy": proxy(&r.client),
                 "server_proxy": proxy(&r.server),
+                "client_relay": proxy(&r.client_relay),
+                "server_relay": proxy(&r.server_relay),
                 "mesh_connections": r.mesh_connections,
+                "relay_connections": r.relay_connections,
                 "hbone_connections": r.hbone_connections,
             })
         };
@@ -466,19 +555,28 @@ impl Report {
             .iter()
             .map(|result| {
                 let derived = derive(result);
-                let (per_gb, per_1000) = match result.load.kind {
-                    Kind::Iperf => (Some(derived.cpu_per_unit), None),
-                    Kind::Wrk { .. } | Kind::FixedRate { .. } => (None, Some(derived.cpu_per_unit)),
+                let per = |value: f64| match result.load.kind {
+                    Kind::Iperf => (Some(value), None),
+                    Kind::Wrk { .. } | Kind::FixedRate { .. } => (None, Some(value)),
                 };
+                let (per_gb, per_1000) = per(derived.cpu_per_unit);
+                let (relays_per_gb, relays_per_1000) = per(derived.relay_cpu_per_unit);
                 json!({
                     "name": result.load.name,
                     "direct": run(&result.direct),
+                    "relay": run(&result.relay),
                     "mesh": run(&result.mesh),
                     "ratio": derived.ratio,
+                    "relay_ratio": derived.relay_ratio,
+                    "mesh_over_relay": derived.mesh_over_relay,
                     "proxies_cpu_seconds": derived.cpu_seconds,
                     "cpu_seconds_per_gb": per_gb,
                     "cpu_ms_per_1000_requests": per_1000,
+                    "relays_cpu_seconds": derived.relay_cpu_seconds,
+                    "relays_cpu_seconds_per_gb": relays_per_gb,
+                    "relays_cpu_ms_per_1000_requests": relays_per_1000,
                     "added_p50_us": derived.added_p50_us,
+                    "relay_added_p50_us": derived.relay_added_p50_us,
                 })
             })
             .collect();
@@ -518,6 +616,10 @@ impl Report {
             },
             "seconds_per_load": self.seconds,
             "idle_rss_kib": { "client_proxy": self.results.idle_kib[0], "server_proxy": self.results.idle_kib[1] },
+            "relay_idle_rss_kib": {
+                "client_relay": self.results.relay_idle_kib[0],
+                "server_relay": self.results.relay_idle_kib[1],
+            },
             "idle_connections": {
                 "count": idle.count,
                 "before_kib": { "client_proxy": idle.before_kib[0], "server_proxy": idle.before_kib[1] },
@@ -609,12 +711,16 @@ mod tests {
         })
     }
 
+    /// A run whose two proxies and two relays each spent `cpu` seconds.
     fn run(output: Output, cpu: f64) -> Run {
         Run {
             output,
             client: proxy(cpu),
             server: proxy(cpu),
+            client_relay: proxy(cpu),
+            server_relay: proxy(cpu),
             mesh_connections: 1.0,
+            relay_connections: 0,
             hbone_connections: 0,
         }
     }
@@ -631,21 +737,25 @@ mod tests {
             LoadResult {
                 load: LOADS[0],
                 direct: run(iperf(10e9), 0.0),
+                relay: run(iperf(8e9), 0.25),
                 mesh: run(iperf(6e9), 0.5),
             },
             LoadResult {
                 load: LOADS[1],
                 direct: run(wrk(20_000.0, 60_000, 40.0), 0.0),
+                relay: run(wrk(16_000.0, 48_000, 50.0), 0.12),
                 mesh: run(wrk(12_000.0, 36_000, 70.0), 0.3),
             },
             LoadResult {
                 load: LOADS[2],
                 direct: run(wrk(50_000.0, 150_000, 900.0), 0.0),
+                relay: run(wrk(40_000.0, 120_000, 1000.0), 0.6),
                 mesh: run(wrk(20_000.0, 60_000, 2000.0), 0.9),
             },
             LoadResult {
                 load: LOADS[4],
                 direct: run(fixed(1_000.0, 10), 0.0),
+                relay: run(fixed(1_000.0, 15), 0.3),
                 mesh: run(fixed(990.0, 20), 0.6),
             },
         ];
@@ -673,6 +783,7 @@ mod tests {
         };
         let results = Results {
             idle_kib: [5_000, 6_000],
+            relay_idle_kib: [2_000, 2_100],
             idle_connections: IdleConnections {
                 count: 500,
                 before_kib: [5_000, 6_000],
@@ -710,8 +821,13 @@ mod tests {
     fn the_table_and_the_json_carry_every_load_and_the_machine() {
         let report = report();
         let table = report.table();
+        // Relay 8 of 10 Gbit/s, mesh 6: 80 %, 60 %, and the mesh keeps 75 % of the floor. The relays
+        // spent 0.5 s over 2 GB, the proxies 1 s.
         assert!(
-            table.contains("| iperf3, 1 stream | 10.00 Gbit/s | 6.00 Gbit/s | **60 %**"),
+            table.contains(
+                "| iperf3, 1 stream | 10.00 Gbit/s | 8.00 Gbit/s | 6.00 Gbit/s | 80 % | **60 %** | 75 % | - | - \
+                 | 0.25 s/GB (0.50 s) | 0.50 s/GB (1.00 s) |"
+            ),
             "{table}"
         );
         assert!(table.contains("--quick --json out.json"), "{table}");
@@ -719,8 +835,34 @@ mod tests {
         // requests: 1.2 s over 3,000) and its distribution in its own table.
         assert!(
             table.contains(
-                "| fixed rate 1,000 req/s, 4 conns | 1000 req/s | 990 req/s | **99 %** | 10 / 20 µs | 100 / 200 µs | 400.0 ms/1k req"
+                "| fixed rate 1,000 req/s, 4 conns | 1000 req/s | 1000 req/s | 990 req/s | 100 % | **99 %** | 99 % \
+                 | 10 / 15 / 20 µs | 100 / 150 / 200 µs | 200.0 ms/1k req (0.60 s) | 400.0 ms/1k req (1.20 s) |"
             ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| fixed rate 1,000 req/s, 4 conns | relay | 3000 | 1000 req/s | 15 µs | 15 µs | 150 µs | 1500 µs | 1500 µs | 5 µs |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains(
+                "| mesh - relay | | | **+5 µs** | **+5 µs** | **+50 µs** | **+500 µs** | **+500 µs** | |"
+            ),
+            "{table}"
+        );
+        // One line per load against the floor: wrk 1 connection keeps 12,000 of the relay's 16,000 req/s,
+        // and its p50 is 20 µs above the relay's.
+        assert!(
+            table.contains(
+                "- wrk keep-alive, 1 conn: mesh / relay **75 %** (relay / direct 80 %, mesh / direct 60 %); \
+                 CPU: proxies 16.67 ms/1k req, relays 5.00 ms/1k req; p50 mesh - relay +20 µs"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("idle RSS client relay 2.0 MB, server relay 2.2 MB"),
             "{table}"
         );
         assert!(
@@ -745,6 +887,16 @@ mod tests {
             .unwrap();
         assert_eq!(distribution.last().unwrap(), &serde_json::json!([100.0, 2_000]));
         assert_eq!(json["loads"][2]["cpu_ms_per_1000_requests"], 30.0);
+        // The relays of the 64-connection load: 1.2 s over 120,000 requests.
+        let relays = json["loads"][2]["relays_cpu_ms_per_1000_requests"]
+            .as_f64()
+            .unwrap();
+        assert!((relays - 10.0).abs() < 1e-9, "{relays}");
+        assert_eq!(json["loads"][2]["mesh_over_relay"], 0.5);
+        assert_eq!(json["loads"][0]["relays_cpu_seconds_per_gb"], 0.25);
+        assert_eq!(json["loads"][1]["relay"]["output"]["requests"], 48_000);
+        assert_eq!(json["loads"][1]["relay"]["client_relay"]["cpu_seconds"], 0.12);
+        assert_eq!(json["relay_idle_rss_kib"]["server_relay"], 2_100);
         assert_eq!(json["idle_connections"]["count"], 500);
         assert!(
             json["targets"]

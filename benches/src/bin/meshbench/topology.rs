@@ -1,11 +1,12 @@
 //! The measured topology, as people set it up to measure Istio's ztunnel: a "client" and a "server" node
 //! (network namespaces) joined by a veth pair, our ztunnel in each, the local control plane and the
 //! upstream servers on the server node, and iptables in the client node sending the application's traffic
-//! to its proxy's 15001.
+//! to its proxy's 15001. Beside the proxies, a plain relay pair (`relay`) on 15101 and 15108: the same
+//! capture can send the traffic to it instead ([`DataPath`]).
 //!
-//! Everything it creates is owned by a guard: [`Topology`]'s fields drop in order (proxies, upstream
-//! servers, control plane, namespaces with their interfaces and rules, files), and a failed start drops
-//! what it had created so far the same way.
+//! Everything it creates is owned by a guard: [`Topology`]'s fields drop in order (proxies, relays,
+//! upstream servers, control plane, namespaces with their interfaces and rules, files), and a failed
+//! start drops what it had created so far the same way.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -22,6 +23,7 @@ use mesh_xds::server::{ClientAuth, Server, ServerConfig};
 use crate::fixedrate::EchoServer;
 use crate::http::{BODY_BYTES, HttpServer};
 use crate::procfs::{self, Sample};
+use crate::relay::{CLIENT_RELAY_PORT, RelayProcess, SERVER_RELAY_PORT};
 use crate::setup::Tools;
 use crate::{Error, Result};
 
@@ -35,9 +37,44 @@ pub(crate) const HTTP_PORT: u16 = 8080;
 pub(crate) const IPERF_PORT: u16 = 8201;
 /// The fixed-rate load's echo server's port.
 pub(crate) const ECHO_PORT: u16 = 8300;
-/// The destination ports the client node redirects to its proxy (iptables `--dport` syntax); every
-/// upstream port is in it, the proxies' and the control plane's ports are not.
+/// The destination ports the client node redirects to its proxy or relay (iptables `--dport` syntax);
+/// every upstream port is in it, the proxies', the relays' and the control plane's ports are not (so
+/// neither the client proxy's nor the client relay's own connections are captured again).
 const CAPTURED_PORTS: &str = "8000:8999";
+/// The HBONE port of the server proxy, whose SYNs the server node counts.
+const HBONE_PORT: u16 = 15008;
+
+/// Which way the client node's application traffic goes: which REDIRECT rule, if any, the client node
+/// has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DataPath {
+    /// No capture: straight over the veth (the baseline).
+    Direct,
+    /// Captured to the client relay's 15101, then the plain relay pair (the floor of any proxy pair).
+    Relay,
+    /// Captured to the client proxy's 15001, then HBONE to the server proxy (the mesh).
+    Mesh,
+}
+
+impl DataPath {
+    /// Its name in progress lines, file names and errors.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            DataPath::Direct => "direct",
+            DataPath::Relay => "relay",
+            DataPath::Mesh => "mesh",
+        }
+    }
+
+    /// The port its REDIRECT rule sends to, if it has one.
+    fn redirect_port(self) -> Option<u16> {
+        match self {
+            DataPath::Direct => None,
+            DataPath::Relay => Some(CLIENT_RELAY_PORT),
+            DataPath::Mesh => Some(15001),
+        }
+    }
+}
 /// The mark our ztunnel puts on its own sockets, which the capture leaves alone (Istio's 0x539).
 const PROXY_MARK: &str = "0x539";
 /// How long the proxies, the control plane and the servers may take to come up.
@@ -331,12 +368,16 @@ pub(crate) struct Topology {
     pub(crate) client_proxy: Proxy,
     /// The server node's proxy.
     pub(crate) server_proxy: Proxy,
+    /// The client node's plain relay.
+    pub(crate) client_relay: RelayProcess,
+    /// The server node's plain relay.
+    pub(crate) server_relay: RelayProcess,
     iperf_server: ChildGuard,
     http: HttpServer,
     echo: EchoServer,
     // Held for its `Drop`: it serves until the topology goes.
     _control_plane: ControlPlane,
-    captured: bool,
+    capture: DataPath,
     /// The client node, where the load generators run.
     pub(crate) client: Netns,
     /// The server node.
@@ -346,8 +387,8 @@ pub(crate) struct Topology {
 }
 
 impl Topology {
-    /// Creates both nodes and waits until both proxies are ready and one request has gone through the
-    /// mesh.
+    /// Creates both nodes and waits until both proxies and both relays are ready and one request has
+    /// gone through the mesh and one through the relays.
     pub(crate) async fn start(tools: &Tools) -> Result<Topology> {
         let client = Netns::create("client")?;
         let server = Netns::create("server")?;
@@ -362,11 +403,21 @@ impl Topology {
             "config/pods.yaml",
             &format!("{}{}", pod("client", CLIENT_IP), pod("server", SERVER_IP)),
         )?;
-        // Counts new HBONE connections (SYNs to 15008) without changing what is accepted: the chain's
-        // policy accepts them anyway.
-        server.iptables(&[
-            "-A", "INPUT", "-p", "tcp", "--dport", "15008", "--syn", "-j", "ACCEPT",
-        ])?;
+        // Count new HBONE connections (SYNs to 15008) and new relay connections (SYNs to 15108) without
+        // changing what is accepted: the chain's policy accepts them anyway.
+        for port in [HBONE_PORT, SERVER_RELAY_PORT] {
+            server.iptables(&[
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                &port.to_string(),
+                "--syn",
+                "-j",
+                "ACCEPT",
+            ])?;
+        }
         let control_plane = ControlPlane::start(&server, dir.path())?;
 
         let listener = server
@@ -397,21 +448,60 @@ impl Topology {
         ])?;
         let server_proxy = Proxy::start(&server, dir.path(), tools, "server")?;
         let client_proxy = Proxy::start(&client, dir.path(), tools, "client")?;
+        let server_relay = RelayProcess::start_server(&server, dir.path(), SERVER_IP)?;
+        let upstream = SocketAddr::new(
+            SERVER_IP
+                .parse()
+                .map_err(|e| Error::Topology(format!("{SERVER_IP}: {e}")))?,
+            SERVER_RELAY_PORT,
+        );
+        let client_relay = RelayProcess::start_client(&client, dir.path(), CLIENT_IP, upstream)?;
         let mut topology = Topology {
             client_proxy,
             server_proxy,
+            client_relay,
+            server_relay,
             iperf_server,
             http,
             echo,
             _control_plane: control_plane,
-            captured: false,
+            capture: DataPath::Direct,
             client,
             server,
             dir,
         };
-        topology.set_capture(true)?;
+        topology.set_capture(DataPath::Mesh)?;
         topology.wait_until_ready(tools).await?;
+        topology.wait_until_relay_ready().await?;
         Ok(topology)
+    }
+
+    /// Waits until both relays accept, then checks that a request captured to the client relay reaches
+    /// the upstream through the server relay.
+    async fn wait_until_relay_ready(&mut self) -> Result<()> {
+        self.server_relay.wait_until_accepting(&self.server).await?;
+        self.client_relay.wait_until_accepting(&self.client).await?;
+        let capture = self.capture;
+        self.set_capture(DataPath::Relay)?;
+        let before = self.relay_connections()?;
+        let upstream = format!("{SERVER_IP}:{HTTP_PORT}");
+        let outcome = http_get(&self.client, &upstream, "/");
+        let through = self.relay_connections()?.saturating_sub(before);
+        self.set_capture(capture)?;
+        match outcome {
+            Ok((200, body)) if body.len() == BODY_BYTES && through > 0 => Ok(()),
+            Ok((200, _)) if through == 0 => Err(Error::Topology(format!(
+                "GET http://{upstream}/ answered with the capture set to the relay, but not through the \
+                 server relay\n{}\n{}",
+                self.client_relay.log_tail(),
+                self.server_relay.log_tail()
+            ))),
+            other => Err(Error::Topology(format!(
+                "GET http://{upstream}/ through the relays failed ({other:?})\n{}\n{}",
+                self.client_relay.log_tail(),
+                self.server_relay.log_tail()
+            ))),
+        }
     }
 
     async fn wait_until_ready(&mut self, tools: &Tools) -> Result<()> {
@@ -476,13 +566,26 @@ impl Topology {
         )))
     }
 
-    /// Adds or removes the client node's REDIRECT to 15001: on, the application's traffic goes through
-    /// both proxies; off, it goes straight over the veth (the baseline).
-    pub(crate) fn set_capture(&mut self, on: bool) -> Result<()> {
-        if on == self.captured {
+    /// Sends the client node's application traffic the way `path` says: replaces the REDIRECT rule
+    /// (to 15001 for the mesh, to 15101 for the relay) or removes it (direct).
+    pub(crate) fn set_capture(&mut self, path: DataPath) -> Result<()> {
+        if path == self.capture {
             return Ok(());
         }
-        let action = if on { "-A" } else { "-D" };
+        if let Some(port) = self.capture.redirect_port() {
+            self.redirect("-D", port)?;
+            // The rule is gone: should adding the next one fail, the state is "direct", not the old path.
+            self.capture = DataPath::Direct;
+        }
+        if let Some(port) = path.redirect_port() {
+            self.redirect("-A", port)?;
+        }
+        self.capture = path;
+        Ok(())
+    }
+
+    /// Adds (`-A`) or deletes (`-D`) the REDIRECT of the captured ports to `port`.
+    fn redirect(&self, action: &str, port: u16) -> Result<()> {
         self.client.iptables(&[
             "-t",
             "nat",
@@ -497,9 +600,8 @@ impl Topology {
             "-j",
             "REDIRECT",
             "--to-ports",
-            "15001",
+            &port.to_string(),
         ])?;
-        self.captured = on;
         Ok(())
     }
 
@@ -527,15 +629,30 @@ impl Topology {
     /// counter of the server node's counting rule for their SYNs. With a working pool this grows far more
     /// slowly than the application's connections.
     pub(crate) fn hbone_connections(&self) -> Result<u64> {
+        self.syn_count(HBONE_PORT)
+    }
+
+    /// How many TCP connections to the server relay's 15108 have been opened so far (the packet counter
+    /// of the server node's counting rule for their SYNs): one per application connection on the relay
+    /// path, none on the others.
+    pub(crate) fn relay_connections(&self) -> Result<u64> {
+        self.syn_count(SERVER_RELAY_PORT)
+    }
+
+    /// The packet counter of the server node's counting rule for SYNs to `port`.
+    fn syn_count(&self, port: u16) -> Result<u64> {
         let output = self
             .server
             .iptables(&["-t", "filter", "-n", "-v", "-x", "-L", "INPUT"])?;
-        syn_count(&String::from_utf8_lossy(&output.stdout))
-            .ok_or_else(|| Error::Load("no counting rule for 15008 in the server node's INPUT chain".into()))
+        syn_count(&String::from_utf8_lossy(&output.stdout), port).ok_or_else(|| {
+            Error::Load(format!(
+                "no counting rule for {port} in the server node's INPUT chain"
+            ))
+        })
     }
 
     /// Opens `count` connections from the client node to the HTTP server, each used for one request, and
-    /// returns them open (through the mesh when the capture is on).
+    /// returns them open (on the path the capture currently sets).
     pub(crate) fn open_idle_connections(&self, count: usize) -> Result<Vec<TcpStream>> {
         let addr = SocketAddr::from(([10, 10, 0, 2], HTTP_PORT));
         self.client
@@ -572,7 +689,7 @@ impl Drop for Topology {
         // The fields' own guards do the work (in declaration order); this only says so, because a
         // Ctrl-C'd run is otherwise silent about what it removed.
         eprintln!(
-            "meshbench: cleaning up (proxies, servers, control plane, namespaces {} and {}, {})",
+            "meshbench: cleaning up (proxies, relays, servers, control plane, namespaces {} and {}, {})",
             self.client.name(),
             self.server.name(),
             self.dir.path().display()
@@ -590,11 +707,12 @@ fn destination_connections(metrics: &str) -> f64 {
         .sum()
 }
 
-/// The packet count of the `tcp dpt:15008` rule in `iptables -n -v -x -L` output.
-fn syn_count(listing: &str) -> Option<u64> {
+/// The packet count of the `tcp dpt:<port>` rule in `iptables -n -v -x -L` output.
+fn syn_count(listing: &str, port: u16) -> Option<u64> {
+    let rule = format!("dpt:{port}");
     listing
         .lines()
-        .find(|line| line.contains("dpt:15008"))
+        .find(|line| line.split_whitespace().any(|word| word == rule))
         .and_then(|line| line.split_whitespace().next())
         .and_then(|packets| packets.parse().ok())
 }
@@ -698,9 +816,37 @@ istio_tcp_connections_closed_total{reporter=\"destination\",source_workload=\"cl
 Chain INPUT (policy ACCEPT 9120 packets, 2373540 bytes)
     pkts      bytes target     prot opt in     out     source               destination
       17     1020 ACCEPT     6    --  *      *       0.0.0.0/0            0.0.0.0/0            tcp dpt:15008 flags:0x17/0x02
+    4096   245760 ACCEPT     6    --  *      *       0.0.0.0/0            0.0.0.0/0            tcp dpt:15108 flags:0x17/0x02
 ";
-        assert_eq!(syn_count(listing), Some(17));
-        assert_eq!(syn_count("Chain INPUT (policy ACCEPT)\n"), None);
+        assert_eq!(syn_count(listing, 15008), Some(17));
+        assert_eq!(syn_count(listing, 15108), Some(4096));
+        // A port that is a prefix of a counted one has no rule of its own.
+        assert_eq!(syn_count(listing, 1510), None);
+        assert_eq!(syn_count("Chain INPUT (policy ACCEPT)\n", 15008), None);
+    }
+
+    #[test]
+    fn the_capture_leaves_the_proxies_and_relays_own_ports_alone() {
+        // Were one of these in the captured range, a proxy's or relay's own connection (to the next hop)
+        // would be redirected back to a proxy: a loop.
+        let (low, high) = CAPTURED_PORTS.split_once(':').unwrap();
+        let captured = low.parse::<u16>().unwrap()..=high.parse::<u16>().unwrap();
+        for port in [
+            15001,
+            15008,
+            15012,
+            15020,
+            15021,
+            CLIENT_RELAY_PORT,
+            SERVER_RELAY_PORT,
+        ] {
+            assert!(!captured.contains(&port), "{port} is captured");
+        }
+        for port in [HTTP_PORT, IPERF_PORT, ECHO_PORT] {
+            assert!(captured.contains(&port), "{port} is not captured");
+        }
+        assert_eq!(DataPath::Relay.redirect_port(), Some(CLIENT_RELAY_PORT));
+        assert_eq!(DataPath::Direct.redirect_port(), None);
     }
 
     #[test]
