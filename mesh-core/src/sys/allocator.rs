@@ -33,12 +33,13 @@ pub struct Tuning {
 }
 
 impl Tuning {
-    /// For a proxy: 4 MiB kept per arena (a few HTTP/2 frames of the largest size we accept, 1 MiB, and the
-    /// 256 KiB copy buffers of a handful of bulk connections), and blocks from 4 MiB up in their own
-    /// mappings, so a 1 MiB frame is served from the heap's warm pages.
+    /// For a proxy: 2 MiB kept per arena (two HTTP/2 frames of the largest size we accept, 1 MiB, or eight
+    /// of the 256 KiB copy buffers of bulk connections), and blocks from 2 MiB up in their own mappings, so
+    /// a 1 MiB frame is still served from the heap's warm pages. 4 MiB per arena was no faster in the bulk
+    /// bench and pushed a proxy's peak during bulk over 25 MB (issue 7's bound).
     pub const PROXY: Tuning = Tuning {
-        keep_free_bytes: 4 << 20,
-        own_mapping_bytes: 4 << 20,
+        keep_free_bytes: 2 << 20,
+        own_mapping_bytes: 2 << 20,
     };
 }
 

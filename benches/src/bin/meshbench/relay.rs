@@ -13,9 +13,8 @@
 //!   [`HEADER_TIMEOUT`]), connects to that address and copies both ways.
 //!
 //! Both use a tokio multi-thread runtime with two workers (as our ztunnel does), `TCP_NODELAY` on every
-//! socket and `tokio::io::copy_bidirectional_with_sizes` with [`COPY_BUFFER`] per direction (the largest
-//! copy buffer our proxy grows to, so bulk is not held back by tokio's default 8 KiB), which passes each
-//! direction's end (half-close) on. Each
+//! socket and `tokio::io::copy_bidirectional_with_sizes` with [`COPY_BUFFER`] per direction (so bulk is
+//! not held back by tokio's default 8 KiB), which passes each direction's end (half-close) on. Each
 //! accepts at most [`MAX_CONNECTIONS`] connections at once and closes the ones beyond.
 //!
 //! They are processes of their own, so that their CPU time and memory are read from `/proc` the way the
@@ -50,8 +49,10 @@ pub(crate) const HEADER_BYTES: usize = 6;
 pub(crate) const MAX_CONNECTIONS: usize = 4096;
 /// How long the server relay waits for a connection's header.
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Each direction's copy buffer: the size `mesh_proxy::forward`'s adaptive buffers reach in bulk.
-const COPY_BUFFER: usize = 256 * 1024;
+/// Each direction's copy buffer, allocated when a connection starts. 64 KiB stays under glibc's default
+/// mmap threshold (128 KiB), so short connections reuse warm heap memory: with 256 KiB buffers every
+/// `Connection: close` request paid two fresh mappings and the relay fell below the mesh on that load.
+const COPY_BUFFER: usize = 64 * 1024;
 /// How long a relay's connection to its next hop may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a relay process may take to accept connections.
