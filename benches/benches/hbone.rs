@@ -21,7 +21,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use mesh_core::cert::StaticCertProvider;
 use mesh_core::drain::{self, DrainTrigger};
 use mesh_core::{CertProvider, tls};
@@ -327,13 +328,15 @@ fn stream_open_warm(c: &mut Criterion) {
     group.finish();
 }
 
+/// A bulk bench's state: the writing end and the server's "received [`BULK_BYTES`]" signals.
+type Bulk<W> = (W, mpsc::UnboundedReceiver<()>);
+
 /// Writes [`BULK_BYTES`] in [`CHUNK`]-sized writes `iters` times, each time waiting until the server
-/// has received every byte, and returns the time taken.
+/// has received every byte, and returns the state with the time taken.
 async fn push_bulk<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    received: &mut mpsc::UnboundedReceiver<()>,
+    (mut writer, mut received): Bulk<W>,
     iters: u64,
-) -> Duration {
+) -> (Bulk<W>, Duration) {
     let chunk = vec![0xa5u8; CHUNK];
     let start = Instant::now();
     for _ in 0..iters {
@@ -349,16 +352,15 @@ async fn push_bulk<W: AsyncWrite + Unpin>(
         })
         .await;
     }
-    start.elapsed()
+    ((writer, received), start.elapsed())
 }
 
 /// As [`push_bulk`], through `poll_write_chunk`: each write hands over a [`CHUNK`]-byte `Bytes` that
 /// shares one allocation (as a proxy hands over the buffer it read into), so nothing is copied before TLS.
 async fn push_bulk_chunks(
-    stream: &mut HboneStream,
-    received: &mut mpsc::UnboundedReceiver<()>,
+    (mut stream, mut received): Bulk<HboneStream>,
     iters: u64,
-) -> Duration {
+) -> (Bulk<HboneStream>, Duration) {
     let chunk = Bytes::from(vec![0xa5u8; CHUNK]);
     let start = Instant::now();
     for _ in 0..iters {
@@ -376,7 +378,26 @@ async fn push_bulk_chunks(
         })
         .await;
     }
-    start.elapsed()
+    ((stream, received), start.elapsed())
+}
+
+/// Registers bench `name`, which moves the bytes with `push` through `bulk`'s writer; the writer is
+/// closed when the bench is done (the state is dropped), before the next one starts.
+fn bench_bulk<W, F, Fut>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    name: &str,
+    bulk: Bulk<W>,
+    push: F,
+) where
+    W: Send + 'static,
+    F: Fn(Bulk<W>, u64) -> Fut + Copy,
+    Fut: Future<Output = (Bulk<W>, Duration)> + Send + 'static,
+{
+    let mut state = Some(bulk);
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| spawn_timed(rt, &mut state, iters, push))
+    });
 }
 
 fn bulk_copy(c: &mut Criterion) {
@@ -399,21 +420,7 @@ fn bulk_copy(c: &mut Criterion) {
             connector.connect(fixture.request(hbone_addr)),
         ))
         .expect("HBONE connect");
-    let mut state = Some((stream, done_rx));
-    group.bench_function("hbone_stream", |b| {
-        b.iter_custom(|iters| {
-            spawn_timed(
-                &rt,
-                &mut state,
-                iters,
-                |(mut stream, mut done), iters| async move {
-                    let elapsed = push_bulk(&mut stream, &mut done, iters).await;
-                    ((stream, done), elapsed)
-                },
-            )
-        })
-    });
-    drop(state);
+    bench_bulk(&mut group, &rt, "hbone_stream", (stream, done_rx), push_bulk);
 
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (chunks_addr, _chunks_trigger) = hbone_server(&rt, &fixture, Serve::SinkChunks(done_tx));
@@ -423,21 +430,13 @@ fn bulk_copy(c: &mut Criterion) {
             connector.connect(fixture.request(chunks_addr)),
         ))
         .expect("HBONE connect");
-    let mut state = Some((stream, done_rx));
-    group.bench_function("hbone_stream_chunks", |b| {
-        b.iter_custom(|iters| {
-            spawn_timed(
-                &rt,
-                &mut state,
-                iters,
-                |(mut stream, mut done), iters| async move {
-                    let elapsed = push_bulk_chunks(&mut stream, &mut done, iters).await;
-                    ((stream, done), elapsed)
-                },
-            )
-        })
-    });
-    drop(state);
+    bench_bulk(
+        &mut group,
+        &rt,
+        "hbone_stream_chunks",
+        (stream, done_rx),
+        push_bulk_chunks,
+    );
 
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let mtls_addr = mtls_server(&rt, &fixture, Serve::Sink(done_tx));
@@ -445,21 +444,13 @@ fn bulk_copy(c: &mut Criterion) {
         "mTLS connect",
         mtls_connect(fixture.client_tls.clone(), mtls_addr),
     ));
-    let mut state = Some((stream, done_rx));
-    group.bench_function("baseline_mtls_connection", |b| {
-        b.iter_custom(|iters| {
-            spawn_timed(
-                &rt,
-                &mut state,
-                iters,
-                |(mut stream, mut done), iters| async move {
-                    let elapsed = push_bulk(&mut stream, &mut done, iters).await;
-                    ((stream, done), elapsed)
-                },
-            )
-        })
-    });
-    drop(state);
+    bench_bulk(
+        &mut group,
+        &rt,
+        "baseline_mtls_connection",
+        (stream, done_rx),
+        push_bulk,
+    );
 
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let tcp_addr = tcp_server(&rt, Serve::Sink(done_tx));
@@ -470,20 +461,13 @@ fn bulk_copy(c: &mut Criterion) {
         tcp.set_nodelay(true).expect("TCP_NODELAY");
         tcp
     });
-    let mut state = Some((stream, done_rx));
-    group.bench_function("baseline_tcp_connection", |b| {
-        b.iter_custom(|iters| {
-            spawn_timed(
-                &rt,
-                &mut state,
-                iters,
-                |(mut stream, mut done), iters| async move {
-                    let elapsed = push_bulk(&mut stream, &mut done, iters).await;
-                    ((stream, done), elapsed)
-                },
-            )
-        })
-    });
+    bench_bulk(
+        &mut group,
+        &rt,
+        "baseline_tcp_connection",
+        (stream, done_rx),
+        push_bulk,
+    );
     group.finish();
 }
 
