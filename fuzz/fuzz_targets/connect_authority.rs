@@ -37,6 +37,14 @@ fn check(target: &TunnelTarget) {
             );
             // A resolver ignores one trailing dot (the root label).
             let bare = host.strip_suffix('.').unwrap_or(host);
+            // RFC 1123 labels: none empty (`a..b`), none over 63 bytes, no hyphen at either end.
+            for label in bare.split('.') {
+                assert!((1..=63).contains(&label.len()), "{host:?} has label {label:?}");
+                assert!(
+                    !label.starts_with('-') && !label.ends_with('-'),
+                    "{host:?} has label {label:?}"
+                );
+            }
             assert!(
                 bare.parse::<IpAddr>().is_err(),
                 "hostname {host:?} is an IP address"

@@ -56,11 +56,7 @@ impl TunnelTarget {
         }
         let (host, port) = authority.rsplit_once(':')?;
         let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
-        let valid_host = !host.is_empty()
-            && host.len() <= 253
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        let valid_host = is_dns_name(host);
         // A host that ends in a number (`127.1`, `2130706433`, `0x7f000001`) is an IPv4 address to many
         // resolvers: refuse it, or it would bypass the destination-address check as a "hostname".
         (valid_host && !ends_in_number(host)).then(|| TunnelTarget::Host {
@@ -482,6 +478,21 @@ fn validate(method: &Method, uri: &http::Uri, context: &StreamContext) -> Result
 }
 
 /// The WHATWG URL rule: the last label is all digits, or `0x` followed by hex digits.
+/// Whether `host` is a DNS name by RFC 1123's rules: dot-separated labels of 1 to 63 letters, digits and
+/// hyphens, no label starting or ending with a hyphen, at most 253 bytes, one trailing dot allowed. An empty
+/// label (`a..b`, `.a`) is refused rather than left for a resolver to interpret.
+fn is_dns_name(host: &str) -> bool {
+    let name = host.strip_suffix('.').unwrap_or(host);
+    !name.is_empty()
+        && host.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 fn ends_in_number(host: &str) -> bool {
     let host = host.strip_suffix('.').unwrap_or(host);
     let last = host.rsplit('.').next().unwrap_or(host);
@@ -520,6 +531,17 @@ mod tests {
     #[test_case("0x7f000001:80", None ; "ipv4 in hex")]
     #[test_case("10.0.0.2:0", None ; "address with port zero")]
     #[test_case("svc1.ns2:80", Some(TunnelTarget::Host { host: "svc1.ns2".into(), port: 80 }) ; "digits inside labels are fine")]
+    #[test_case("echo.default.:80", Some(TunnelTarget::Host { host: "echo.default.".into(), port: 80 }) ; "one trailing dot")]
+    #[test_case("a..b:80", None ; "empty label")]
+    #[test_case(".echo:80", None ; "leading dot")]
+    #[test_case("echo..:80", None ; "two trailing dots")]
+    #[test_case(".:80", None ; "only a dot")]
+    #[test_case("-echo.default:80", None ; "label starts with a hyphen")]
+    #[test_case("echo-.default:80", None ; "label ends with a hyphen")]
+    #[test_case("my-echo.default:80", Some(TunnelTarget::Host { host: "my-echo.default".into(), port: 80 }) ; "hyphen inside a label")]
+    #[test_case(&format!("{}.default:80", "e".repeat(64)), None ; "label of 64 bytes")]
+    #[test_case(&format!("{}.default:80", "e".repeat(63)), Some(TunnelTarget::Host { host: format!("{}.default", "e".repeat(63)), port: 80 }) ; "label of 63 bytes")]
+    #[test_case(&format!("{}:80", ["abcdefghi"; 26].join(".")), None ; "name of 259 bytes")]
     fn parse_targets(input: &str, expected: Option<TunnelTarget>) {
         assert_eq!(TunnelTarget::parse(input), expected);
     }
