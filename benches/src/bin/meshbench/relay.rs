@@ -50,8 +50,9 @@ pub(crate) const MAX_CONNECTIONS: usize = 4096;
 /// How long the server relay waits for a connection's header.
 pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each direction's copy buffer, allocated when a connection starts. 64 KiB stays under glibc's default
-/// mmap threshold (128 KiB), so short connections reuse warm heap memory: with 256 KiB buffers every
-/// `Connection: close` request paid two fresh mappings and the relay fell below the mesh on that load.
+/// mmap threshold (128 KiB), so short connections reuse warm heap memory; with 256 KiB every
+/// `Connection: close` request paid two fresh mappings (the relays' CPU per 1,000 such requests: 516 ms
+/// in a 10 s run with 256 KiB, 377 ms in a quick run with 64 KiB).
 const COPY_BUFFER: usize = 64 * 1024;
 /// How long a relay's connection to its next hop may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
