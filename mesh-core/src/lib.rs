@@ -32,7 +32,7 @@
 //! assert!(SpiffeId::parse("spiffe://cluster.local/ns/../sa/x").is_err());
 //! # Ok::<(), mesh_core::Error>(())
 //! ```
-// `deny`, not `forbid`: `sys::allocator` is allowed its two glibc calls, and nothing else is.
+// `deny`, not `forbid`: `sys::allocator` is allowed its one `mallopt` call, and nothing else is.
 #![deny(unsafe_code)]
 
 #[cfg(feature = "dev-ca")]

@@ -2,8 +2,8 @@
 //! proxy's own sockets so capture rules skip them, and connecting from a client's address.
 //!
 //! DESIGN.md principle 7 reserves this module for `unsafe` code. The socket options need none, because
-//! [`socket2`] wraps each of them safely; the one submodule that needs it is [`allocator`] (two glibc
-//! calls, each with its `SAFETY` comment). Everything here is Linux-only: on other systems every function
+//! [`socket2`] wraps each of them safely; the one submodule that needs it is [`allocator`] (one call to
+//! glibc's `mallopt`, with its `SAFETY` comment). Everything here is Linux-only: on other systems every function
 //! returns an [`io::ErrorKind::Unsupported`] error, so the crate still builds there.
 //!
 //! How Istio's capture uses these:
