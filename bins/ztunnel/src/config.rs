@@ -169,9 +169,27 @@ pub(crate) struct Args {
     /// application sees the pod's own IP. Other modes do not use it yet.
     #[arg(long = "enable-orig-src", env = "ENABLE_ORIG_SRC", value_name = "ENABLE_ORIG_SRC", action = clap::ArgAction::Set)]
     pub enable_original_source: Option<bool>,
-    /// Worker threads of the data path runtime (default: max(2, a quarter of the cores)).
+    /// Worker threads of the data path runtime: a count (`4`) or a share of the cores (`50%`, rounded up,
+    /// at least one). Default: max(2, a quarter of the cores).
     #[arg(long, env = "ZTUNNEL_WORKER_THREADS", value_name = "ZTUNNEL_WORKER_THREADS")]
-    pub worker_threads: Option<usize>,
+    pub worker_threads: Option<String>,
+    /// The cores the proxy may use, as Istio's chart passes its CPU limit (downward API, rounded up to whole
+    /// cores). Default: the cores this process can run on.
+    #[arg(long, env = "ZTUNNEL_CPU_LIMIT", value_name = "ZTUNNEL_CPU_LIMIT")]
+    pub cpu_limit: Option<usize>,
+    /// Log line format: `plain` (text) or `json` (one object per line, the event's fields at the top level,
+    /// as Istio's ztunnel writes with LOG_FORMAT=json).
+    #[arg(long, env = "LOG_FORMAT", value_name = "LOG_FORMAT", default_value = "plain")]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (LOG_FORMAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable text lines.
+    Plain,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 /// How the proxy serves workloads.
@@ -232,6 +250,8 @@ pub(crate) struct Config {
     pub certs: CertSource,
     pub trust_domain: TrustDomain,
     pub own_identity: SpiffeId,
+    /// Worker threads of the data-path runtime, from ZTUNNEL_WORKER_THREADS and ZTUNNEL_CPU_LIMIT.
+    pub workers: usize,
 }
 
 /// Why the configuration was refused; names the variable.
@@ -390,9 +410,12 @@ impl Config {
                 ));
             }
         };
-        if args.worker_threads == Some(0) {
-            return Err(invalid("ZTUNNEL_WORKER_THREADS", "must be at least 1"));
-        }
+        let cores = match args.cpu_limit {
+            Some(0) => return Err(invalid("ZTUNNEL_CPU_LIMIT", "must be at least 1")),
+            Some(limit) => limit,
+            None => std::thread::available_parallelism().map_or(2, usize::from),
+        };
+        let workers = worker_threads(args.worker_threads.as_deref(), cores)?;
         if args.pool_max_streams == 0 {
             return Err(invalid("POOL_MAX_STREAMS_PER_CONNECTION", "must be at least 1"));
         }
@@ -403,7 +426,45 @@ impl Config {
             certs,
             trust_domain,
             own_identity,
+            workers,
         })
+    }
+}
+
+/// The data-path runtime's size for ZTUNNEL_WORKER_THREADS on `cores` cores: a count, a percentage of the
+/// cores (rounded up, at least one), or by default a quarter of the cores and at least two (the data
+/// path's tasks hand work between threads; one thread would serialise a node's connections behind
+/// whichever is busy).
+fn worker_threads(setting: Option<&str>, cores: usize) -> Result<usize, ConfigError> {
+    const VARIABLE: &str = "ZTUNNEL_WORKER_THREADS";
+    let Some(setting) = setting.map(str::trim) else {
+        return Ok(cores.div_ceil(4).max(2));
+    };
+    let workers = match setting.strip_suffix('%') {
+        Some(percent) => {
+            let percent: u32 = percent.trim().parse().map_err(|_| {
+                invalid(
+                    VARIABLE,
+                    format!("{setting:?} is not a whole percentage like 50%"),
+                )
+            })?;
+            if percent == 0 || percent > 100 {
+                return Err(invalid(VARIABLE, format!("{setting:?}: a share from 1% to 100%")));
+            }
+            (cores * percent as usize).div_ceil(100).max(1)
+        }
+        None => setting.parse::<usize>().map_err(|_| {
+            invalid(
+                VARIABLE,
+                format!("{setting:?} is neither a count nor a percentage"),
+            )
+        })?,
+    };
+    // Beyond a few hundred threads something is misconfigured (each costs a stack and a scheduler slot).
+    match workers {
+        0 => Err(invalid(VARIABLE, "must be at least 1")),
+        1..=1024 => Ok(workers),
+        _ => Err(invalid(VARIABLE, format!("{workers} threads: at most 1024"))),
     }
 }
 
@@ -503,6 +564,27 @@ mod tests {
         );
     }
 
+    #[test_case(&["--cpu-limit", "16"] => 4 ; "a quarter of the limit")]
+    #[test_case(&["--cpu-limit", "4"] => 2 ; "at least two by default")]
+    #[test_case(&["--cpu-limit", "9"] => 3 ; "a quarter rounded up")]
+    #[test_case(&["--cpu-limit", "8", "--worker-threads", "50%"] => 4 ; "a share of the limit")]
+    #[test_case(&["--cpu-limit", "3", "--worker-threads", "10%"] => 1 ; "a small share is one thread")]
+    #[test_case(&["--cpu-limit", "3", "--worker-threads", "34%"] => 2 ; "a share rounded up")]
+    #[test_case(&["--cpu-limit", "2", "--worker-threads", "6"] => 6 ; "a count is taken as it is")]
+    fn workers_follow_istios_settings(extra: &[&str]) -> usize {
+        Config::from_args(args(extra).unwrap()).unwrap().workers
+    }
+
+    #[test]
+    fn log_format_is_plain_or_json() {
+        let plain = Config::from_args(args(&[]).unwrap()).unwrap();
+        assert_eq!(plain.args.log_format, LogFormat::Plain);
+        let json = Config::from_args(args(&["--log-format", "json"]).unwrap()).unwrap();
+        assert_eq!(json.args.log_format, LogFormat::Json);
+        let error = args(&["--log-format", "yaml"]).unwrap_err().to_string();
+        assert!(error.contains("LOG_FORMAT"), "{error}");
+    }
+
     #[test_case(&[] => None ; "unset")]
     #[test_case(&["--enable-orig-src", "true"] => Some(true) ; "required")]
     #[test_case(&["--enable-orig-src", "false"] => Some(false) ; "off")]
@@ -559,6 +641,12 @@ mod tests {
     #[test_case(&["--node-name", ""], "NODE_NAME" ; "shared mode without node")]
     #[test_case(&["--pool-max-streams", "0"], "POOL_MAX_STREAMS_PER_CONNECTION" ; "zero streams")]
     #[test_case(&["--worker-threads", "0"], "ZTUNNEL_WORKER_THREADS" ; "zero workers")]
+    #[test_case(&["--worker-threads", "0%"], "ZTUNNEL_WORKER_THREADS" ; "zero percent")]
+    #[test_case(&["--worker-threads", "101%"], "ZTUNNEL_WORKER_THREADS" ; "over a hundred percent")]
+    #[test_case(&["--worker-threads", "half"], "ZTUNNEL_WORKER_THREADS" ; "not a number")]
+    #[test_case(&["--worker-threads", "2.5%"], "ZTUNNEL_WORKER_THREADS" ; "fractional percent")]
+    #[test_case(&["--worker-threads", "5000"], "ZTUNNEL_WORKER_THREADS" ; "absurd count")]
+    #[test_case(&["--cpu-limit", "0"], "ZTUNNEL_CPU_LIMIT" ; "zero cores")]
     fn refusals_name_the_variable(extra: &[&str], variable: &str) {
         let error = Config::from_args(args(extra).unwrap()).unwrap_err();
         assert!(error.to_string().starts_with(&format!("{variable}: ")), "{error}");

@@ -21,20 +21,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let logging = logging::init();
+    let logging = logging::init(config.args.log_format);
     // Before the runtime's threads exist: keep freed HTTP/2 frame buffers warm instead of returning them to
     // the kernel after every frame (see mesh_core::sys::allocator). Elsewhere than glibc there is nothing
     // to tune, and the proxy works the same.
     if let Err(error) = mesh_core::sys::allocator::tune(mesh_core::sys::allocator::Tuning::PROXY) {
         tracing::debug!(%error, "allocator left at its defaults");
     }
-    // Istio's ztunnel sizes its data-path runtime at a quarter of the cores, at least two.
-    let workers = config.args.worker_threads.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        cores.div_ceil(4).max(2)
-    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(config.workers)
         .enable_all()
         .build()
     {

@@ -178,3 +178,37 @@ fn certificates_from_pem_files_are_served() {
         );
     });
 }
+
+/// LOG_FORMAT=json (as Istio's chart sets it): every line the proxy writes while it starts up and serves
+/// is one JSON object with the level and the message at its top level, as log collectors expect.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    isolated(|| {
+        let node = Netns::create("jsonlog").expect("network namespaces are required for this test");
+        let dir = Dir::new("jsonlog");
+        let ca = ca();
+        std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+        std::fs::write(dir.0.join("ca-key.pem"), ca.root_key_pem()).unwrap();
+        let log = dir.0.join("ztunnel.log");
+        let proxy = start(
+            &node,
+            &log,
+            &[("DEV_CA_DIR", &dir.0), ("LOG_FORMAT", Path::new("json"))],
+        );
+        config_dump(&node, &proxy);
+        let text = std::fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = text.lines().filter(|line| !line.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "a proxy that started logged nothing");
+        for line in &lines {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|error| panic!("not a JSON line ({error}): {line}\n{text}"));
+            assert!(value["level"].is_string(), "no level: {line}");
+            assert!(value["message"].is_string(), "no top-level message: {line}");
+            assert!(value["timestamp"].is_string(), "no timestamp: {line}");
+        }
+        assert!(
+            lines.iter().any(|line| line.contains("\"identity\"")),
+            "the event's fields are not at the top level:\n{text}"
+        );
+    });
+}
