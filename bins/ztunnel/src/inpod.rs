@@ -22,8 +22,8 @@ use mesh_core::{CertProvider, CertWatch, SpiffeId, TrustDomain, sys, tls};
 use mesh_hbone::{HboneAcceptor, HboneConfig, HboneConnector, SocketFactory};
 use mesh_proxy::conntrack::ConnectionTracker;
 use mesh_proxy::inbound::{
-    ConnectFuture, Inbound, InboundConfig, PlaintextConnection, ServedWorkloads, UpstreamConnector,
-    UpstreamHint,
+    ConnectFuture, Inbound, InboundConfig, InboundPlaintext, PlaintextConnection, ServedWorkloads,
+    UpstreamConnector, UpstreamHint,
 };
 use mesh_proxy::inpod::{
     InPodNetns, ListenerPodManager, PodListenerConfig, PodStart, WorkloadInfo, ZdsClient, ZdsConfig,
@@ -33,6 +33,7 @@ use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::Observers;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 
 /// What every pod's pipelines share.
 #[derive(Debug, Clone)]
@@ -78,10 +79,42 @@ pub(crate) fn start(
     Ok((client, manager))
 }
 
+/// How long a connection to or from a pod waits for the pod's workload and certificate before it is
+/// closed. Istio's ztunnel gives a connection as long to find its workload.
+const POD_READY_WAIT: Duration = Duration::from_secs(5);
+
+/// The pipelines that serve one pod, built once its workload and certificate are at hand.
+struct PodPipelines {
+    outbound: Outbound,
+    hbone: HboneAcceptor<Inbound>,
+    plaintext: InboundPlaintext,
+}
+
+/// Where a pod's connections find its pipelines: `None` until they are built. The sender goes away
+/// only when the pod stops being served.
+type PodReady = watch::Receiver<Option<Arc<PodPipelines>>>;
+
+/// The pod's pipelines, waiting up to [`POD_READY_WAIT`] for them; `None` if they did not come in time.
+async fn pipelines(mut ready: PodReady) -> Option<Arc<PodPipelines>> {
+    match tokio::time::timeout(POD_READY_WAIT, ready.wait_for(Option::is_some)).await {
+        Ok(Ok(pipelines)) => pipelines.clone(),
+        // The channel closed (the pod is no longer served) or the wait ran out.
+        Ok(Err(_)) | Err(_) => None,
+    }
+}
+
+/// A connection the pod could not serve in time is closed (the client sees it end) instead of waiting
+/// in a backlog with no bound.
+fn not_ready(listener: &'static str, peer: SocketAddr) {
+    tracing::debug!(%peer, listener, wait = ?POD_READY_WAIT,
+        "in-pod: connection closed: the pod's workload or certificate is not there yet");
+}
+
 /// Serves one pod until its drain fires (the pod was deleted, or the proxy is stopping).
 ///
-/// The listeners are bound before this runs (istio-cni's ack promised it); until the pod's workload is in
-/// the configuration and its certificate is at hand, connections wait in their backlog.
+/// The listeners are bound before this runs (istio-cni's ack promised it), and accept at once; each
+/// connection waits up to [`POD_READY_WAIT`] for the pod's workload to be in the configuration and its
+/// certificate to be at hand, and is closed if they are not.
 async fn serve_pod(
     pod: PodStart,
     context: PodContext,
@@ -95,16 +128,127 @@ async fn serve_pod(
     .map_err(|error| {
         format!("ENABLE_ORIG_SRC=true, but the pod's inbound listeners cannot be made transparent: {error}")
     })?;
-    let Some(workload) = wait_for_workload(&context, &pod.info, &pod.drain).await else {
-        return Ok(());
+
+    let (ready_sender, ready) = watch::channel(None::<Arc<PodPipelines>>);
+    let listeners = pod.listeners;
+    let drain = pod.drain.clone();
+    let mut accept_loops = tokio::task::JoinSet::new();
+    accept_loops.spawn(serve_owned(
+        listeners.outbound,
+        {
+            let ready = ready.clone();
+            move |stream: TcpStream, peer: SocketAddr| {
+                let ready = ready.clone();
+                async move {
+                    match pipelines(ready).await {
+                        Some(pipelines) => pipelines.outbound.handle(stream, peer).await,
+                        None => not_ready("outbound", peer),
+                    }
+                }
+            }
+        },
+        context.listener.clone(),
+        drain.clone(),
+    ));
+    accept_loops.spawn(serve_owned(
+        listeners.inbound_hbone,
+        {
+            let ready = ready.clone();
+            let drain = drain.clone();
+            move |stream: TcpStream, peer: SocketAddr| {
+                let ready = ready.clone();
+                let drain = drain.clone();
+                async move {
+                    let Some(pipelines) = pipelines(ready).await else {
+                        return not_ready("inbound HBONE", peer);
+                    };
+                    if let Err(error) = pipelines.hbone.serve_connection(stream, drain).await {
+                        tracing::debug!(%error, %peer, "HBONE connection ended with an error");
+                    }
+                }
+            }
+        },
+        ListenerConfig {
+            max_connections: std::num::NonZeroUsize::new(context.hbone.server_max_connections)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+            ..context.listener.clone()
+        },
+        drain.clone(),
+    ));
+    accept_loops.spawn(serve_owned(
+        listeners.inbound_plaintext,
+        {
+            let ready = ready.clone();
+            move |stream: TcpStream, peer: SocketAddr| {
+                let ready = ready.clone();
+                async move {
+                    let Ok(original_dst) = sys::original_destination(&stream) else {
+                        return;
+                    };
+                    let Some(pipelines) = pipelines(ready).await else {
+                        return not_ready("inbound plaintext", peer);
+                    };
+                    let connection = PlaintextConnection {
+                        stream,
+                        peer_addr: peer,
+                        original_dst,
+                    };
+                    if let Err(error) = pipelines.plaintext.serve_connection(connection).await {
+                        tracing::debug!(%peer, %error, "inbound plaintext connection ended");
+                    }
+                }
+            }
+        },
+        context.listener.clone(),
+        drain,
+    ));
+
+    match build_pipelines(
+        &pod.uid,
+        &pod.info,
+        &pod.netns,
+        &pod.drain,
+        &context,
+        original_source,
+    )
+    .await
+    {
+        Ok(Some(pipelines)) => {
+            ready_sender.send_replace(Some(Arc::new(pipelines)));
+        }
+        // The pod went (or the proxy is stopping) first; the loops end with the same drain.
+        Ok(None) => {}
+        Err(error) => {
+            // Not served at all: the listeners close, so the pod's connections fail at once.
+            accept_loops.shutdown().await;
+            return Err(error);
+        }
+    }
+    while accept_loops.join_next().await.is_some() {}
+    drop(ready_sender);
+    Ok(())
+}
+
+/// The pod's pipelines, once its workload is in the configuration and its certificate is at hand;
+/// `None` if the pod is drained first.
+async fn build_pipelines(
+    uid: &str,
+    info: &WorkloadInfo,
+    netns: &InPodNetns,
+    drain: &DrainWatch,
+    context: &PodContext,
+    original_source: bool,
+) -> Result<Option<PodPipelines>, Box<dyn std::error::Error + Send + Sync>> {
+    let Some(workload) = wait_for_workload(context, info, drain).await else {
+        return Ok(None);
     };
     let identity = workload.identity()?;
-    let Some(cert) = fetch_certificate(&context, &identity, &pod.drain).await else {
-        return Ok(());
+    let Some(cert) = fetch_certificate(context, &identity, drain).await else {
+        return Ok(None);
     };
-    tracing::info!(uid = %pod.uid, workload = %workload.uid, %identity, original_source, "serving pod (in-pod mode)");
+    tracing::info!(%uid, workload = %workload.uid, %identity, original_source, "serving pod (in-pod mode)");
     let sockets = Arc::new(PodSockets {
-        netns: pod.netns.clone(),
+        netns: netns.clone(),
         original_source,
         warned: Arc::new(AtomicBool::new(false)),
     });
@@ -135,47 +279,16 @@ async fn serve_pod(
     .with_observers(context.observers.clone())
     .with_connector(sockets);
     let plaintext = inbound.plaintext();
-    let acceptor = HboneAcceptor::new(
+    let hbone = HboneAcceptor::new(
         context.hbone.clone(),
         tls::server_config(cert, vec![context.trust_domain.clone()])?,
         inbound,
     );
-
-    let listeners = pod.listeners;
-    let drain = pod.drain;
-    let hbone = tokio::spawn({
-        let drain = drain.clone();
-        async move { acceptor.serve(listeners.inbound_hbone, drain).await }
-    });
-    let outbound_task = tokio::spawn(serve_owned(
-        listeners.outbound,
+    Ok(Some(PodPipelines {
         outbound,
-        context.listener.clone(),
-        drain.clone(),
-    ));
-    let plaintext_task = tokio::spawn(serve_owned(
-        listeners.inbound_plaintext,
-        move |stream: TcpStream, peer: SocketAddr| {
-            let plaintext = plaintext.clone();
-            async move {
-                let Ok(original_dst) = sys::original_destination(&stream) else {
-                    return;
-                };
-                let connection = PlaintextConnection {
-                    stream,
-                    peer_addr: peer,
-                    original_dst,
-                };
-                if let Err(error) = plaintext.serve_connection(connection).await {
-                    tracing::debug!(%peer, %error, "inbound plaintext connection ended");
-                }
-            }
-        },
-        context.listener.clone(),
-        drain,
-    ));
-    let _ = tokio::join!(hbone, outbound_task, plaintext_task);
-    Ok(())
+        hbone,
+        plaintext,
+    }))
 }
 
 /// How long a pod waits for its workload in the configuration before that is worth a warning.

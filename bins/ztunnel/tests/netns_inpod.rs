@@ -8,6 +8,8 @@
 //! policy must refuse; the proxy must not report ready before istio-cni's snapshot is complete. The
 //! application must see its real client's address (original source, through 15008 and 15006) unless
 //! `ENABLE_ORIG_SRC=false`, and a pod's connection to a server outside the mesh must leave from the pod.
+//! A pod handed over before its workload is pushed has its connections closed after a bounded wait,
+//! never held, and is served once the workload arrives.
 //!
 //! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`: new user, network, mount and PID
 //! namespaces), so it needs no root; it needs util-linux, iproute2 and iptables (CI installs them), and
@@ -69,6 +71,16 @@ impl Cluster {
 
     /// [`Cluster::start`] with extra environment variables for every ztunnel.
     fn start_with(layout: &[(&str, &[&str])], env: &[(&str, String)]) -> Cluster {
+        Self::start_configured(layout, env, &[])
+    }
+
+    /// [`Cluster::start_with`], the pods named in `unconfigured` left out of the control plane's
+    /// configuration (istio-cni may hand a pod over before istiod has pushed its workload).
+    fn start_configured(
+        layout: &[(&str, &[&str])],
+        env: &[(&str, String)],
+        unconfigured: &[&str],
+    ) -> Cluster {
         let network = Network::new();
         let mut nodes = Vec::new();
         let mut pods = Vec::new();
@@ -80,7 +92,11 @@ impl Cluster {
             nodes.push(node);
         }
         let dir = TempDir::new();
-        let yaml: String = pods.iter().map(|(n, pod)| pod.yaml(&nodes[*n])).collect();
+        let yaml: String = pods
+            .iter()
+            .filter(|(_, pod)| !unconfigured.contains(&pod.name.as_str()))
+            .map(|(n, pod)| pod.yaml(&nodes[*n]))
+            .collect();
         dir.write_config("pods.yaml", &yaml);
         let ztunnel = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
         let tokens = nodes.iter().fold(StaticTokens::new(), |tokens, node| {
@@ -153,6 +169,16 @@ impl Cluster {
     fn del(&self, name: &str) -> String {
         let (node, pod) = self.pod_and_node(name);
         self.proxies[node].cni.del(&pod.uid).unwrap()
+    }
+
+    /// Every pod in the control plane's configuration (the file is watched and pushed on change).
+    fn configure_all(&self) {
+        let yaml: String = self
+            .pods
+            .iter()
+            .map(|(n, pod)| pod.yaml(&self.nodes[*n]))
+            .collect();
+        self.dir.write_config("pods.yaml", &yaml);
     }
 
     fn snapshot_sent(&self, node: usize) -> String {
@@ -590,6 +616,84 @@ fn with_original_source_off_the_app_sees_the_pods_own_address() {
             .round_trip("client", "server", "hidden")
             .unwrap_or_else(|e| panic!("round trip failed: {e}\n{}", cluster.logs()));
         assert_eq!(reply, format!("echo hidden from {}", cluster.pod("server").ip));
+        cluster.shut_down();
+    });
+}
+
+/// How one request ended when its connection was left waiting for a long time.
+#[derive(Debug, PartialEq)]
+enum Exchange {
+    /// The peer answered.
+    Replied(String),
+    /// The connection was closed (EOF or reset) without an answer.
+    Closed,
+    /// Nothing happened within the wait: the connection hung.
+    Hung,
+    /// It could not even connect.
+    NotConnected(String),
+}
+
+/// Sends one line from `netns` to `addr` and waits up to `wait` for whatever happens.
+fn exchange_waiting(netns: &mesh_test::netns::Netns, addr: &str, wait: Duration) -> Exchange {
+    use std::io::{ErrorKind, Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    netns
+        .run(move || {
+            let mut stream = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                Ok(stream) => stream,
+                Err(error) => return Exchange::NotConnected(error.to_string()),
+            };
+            stream.set_read_timeout(Some(wait)).unwrap();
+            if stream.write_all(b"anyone?\n").is_err() {
+                return Exchange::Closed;
+            }
+            let mut reply = [0u8; 256];
+            match stream.read(&mut reply) {
+                Ok(0) => Exchange::Closed,
+                Ok(n) => Exchange::Replied(String::from_utf8_lossy(&reply[..n]).into_owned()),
+                Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    Exchange::Hung
+                }
+                Err(_reset) => Exchange::Closed,
+            }
+        })
+        .unwrap()
+}
+
+/// istio-cni can hand a pod over before the control plane has pushed its workload. Its listeners are
+/// bound at once (the ack promised it); a connection out of the pod, or into it, waits a bounded time
+/// for the workload and is then closed, never left hanging in a backlog; once the workload is pushed,
+/// the pod is served.
+#[test]
+fn a_pod_the_configuration_does_not_know_yet_has_its_connections_closed_not_held() {
+    isolated(|| {
+        let cluster = Cluster::start_configured(&[("node-a", &["client", "server"])], &[], &["client"]);
+        cluster.enroll_all();
+        // Out of the unknown pod (its outbound listener), and into it from a known pod (which, not
+        // knowing it as a workload, passes through to it: its inbound plaintext listener).
+        for (from, to) in [("client", "server"), ("server", "client")] {
+            let outcome = exchange_waiting(
+                &cluster.pod(from).netns,
+                &cluster.pod(to).addr(APP_PORT),
+                Duration::from_secs(30),
+            );
+            assert_eq!(outcome, Exchange::Closed, "{from} -> {to}\n{}", cluster.logs());
+        }
+
+        cluster.configure_all();
+        eventually(
+            Duration::from_secs(30),
+            "the pod to be served once its workload is pushed",
+            || cluster.round_trip("client", "server", "known").is_ok(),
+            || cluster.logs(),
+        );
+        let reply = cluster.round_trip("server", "client", "back");
+        assert_eq!(
+            reply,
+            Ok(format!("echo back from {}", cluster.pod("server").ip)),
+            "{}",
+            cluster.logs()
+        );
         cluster.shut_down();
     });
 }
