@@ -120,9 +120,12 @@ impl Default for OutboundConfig {
 /// the CONNECT with 401). Connections refused before that (unknown source, no route) are only logged, as
 /// ztunnel does.
 ///
-/// Not done here: the same-node shortcut of [`HboneKind::DirectLocal`] (such routes go over the network
-/// like [`HboneKind::Direct`]), and marking or original-source binding of HBONE connections, which
-/// the [`HboneConnector`] opens itself.
+/// A [`HboneKind::DirectLocal`] route (a destination on this node, shared mode) is carried like
+/// [`HboneKind::Direct`]: HBONE in mutual TLS to the node's own 15008, which the kernel delivers without
+/// the bytes leaving the machine, and the inbound side applies its policy as for any peer. Istio's older
+/// ztunnel skipped the TLS there (an in-process hand-over); we keep one path. HBONE connections are
+/// opened by the [`HboneConnector`], so their marks and namespaces come from its
+/// [`SocketFactory`](mesh_hbone::SocketFactory).
 #[derive(Debug, Clone)]
 pub struct Outbound {
     inner: Arc<Inner>,
