@@ -24,14 +24,15 @@
 //!   or whose destination workload was removed.
 //! - [`error`]: [`ProxyError`], the crate's error type.
 //! - [`metrics`]: [`metrics::Metrics`], Istio's `istio_tcp_*` families (a connection observer), build and
-//!   process metrics, and component metrics the binary registers; Prometheus text format.
+//!   process metrics, and component metrics the binary registers (xDS health, and certificate health from
+//!   a [`metrics::TrackedCertProvider`]); Prometheus text format.
 //! - [`access_log`]: [`access_log::AccessLog`], ztunnel's one structured event per connection.
 //! - [`admin`]: the bounded HTTP/1.1 servers for admin (`127.0.0.1:15000`: config dump, logging,
 //!   quitquitquit), metrics (`:15020`) and readiness (`:15021`, [`admin::Readiness`]).
 //! - `inpod` (Linux): Istio's in-pod mode, the ZDS client that takes pods (and their network
 //!   namespaces) from istio-cni, and each pod's listeners bound inside its namespace.
 //!
-//! The rest of the node proxy (issue "ztunnel") is being built.
+//! `bins/ztunnel` composes these into Istio's node proxy; the waypoint's L7 pipeline is still to come.
 //!
 //! ## Example
 //! Decide where a client's connection to a service VIP goes:

@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_core::cert::{CachingCertConfig, CertFiles, DEFAULT_FILE_POLL_INTERVAL, FileCertProvider};
 use mesh_core::drain::{self, DrainWatch};
 use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
-use mesh_core::{CachingCertProvider, CertProvider, CertWatch, DevCa, sys, tls};
+use mesh_core::{CachingCertProvider, CertProvider, DevCa, sys, tls};
 use mesh_hbone::{
     HboneAcceptor, HboneConfig, HboneConnector, MarkedSockets, ServerConfigSelector, WorkloadConfigSelector,
 };
@@ -23,7 +23,7 @@ use mesh_proxy::admin::{
 use mesh_proxy::conntrack::ConnectionTracker;
 use mesh_proxy::inbound::{Inbound, InboundConfig, PlaintextConnection, ServedWorkloads};
 use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
-use mesh_proxy::metrics::Metrics;
+use mesh_proxy::metrics::{Metrics, TrackedCertProvider};
 use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::socks5::{Socks5, Socks5Config};
 use mesh_proxy::state::ProxyState;
@@ -77,23 +77,19 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     let readiness_server = HttpServer::bind("readiness", SocketAddr::new(any, 15021), http.clone()).await?;
     tokio::spawn(readiness_server.serve(Arc::new(ReadinessEndpoint::new(readiness.clone())), drain.clone()));
 
-    let certs = cert_provider(&config).await?;
+    // Every certificate request goes through the tracker: config_dump lists what it holds, and the
+    // metrics endpoint shows their expiry and the failed requests.
+    let tracked_certs = TrackedCertProvider::new(cert_provider(&config).await?);
+    tracked_certs.register_metrics(&metrics)?;
+    let certs: Arc<dyn CertProvider> = Arc::new(tracked_certs.clone());
     let (state, ads) = start_config_source(&config, config_ready, drain.clone()).await?;
     if let Some(ads) = ads {
         register_xds_metrics(&metrics, ads)?;
     }
 
-    // The certificates config_dump lists: the ones this proxy has fetched for its workloads.
-    let held_certs: Arc<std::sync::Mutex<Vec<CertWatch>>> = Arc::default();
     let dump = StateDump::new(state.clone())
         .with_version(env!("CARGO_PKG_VERSION"))
-        .with_certificates({
-            let held = held_certs.clone();
-            move || match held.lock() {
-                Ok(watches) => watches.iter().map(CertWatch::current).collect(),
-                Err(_) => Vec::new(),
-            }
-        });
+        .with_certificates(move || tracked_certs.held());
     let admin = AdminEndpoint::new(Arc::new(dump))
         .with_logging(logging)
         .with_shutdown(move || {
@@ -168,7 +164,6 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             let workload = wait_for_workload(&state, namespace, name, service_account).await?;
             let identity = workload.identity()?;
             let cert = certs.certificate(&identity).await?;
-            remember(&held_certs, cert.clone());
             tracing::info!(%identity, uid = %workload.uid, "serving one workload (dedicated mode)");
             (
                 ServedWorkloads::Workload(workload.uid.clone()),
@@ -195,9 +190,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 certs.clone(),
                 vec![config.trust_domain.clone()],
             );
-            for cert in prefetch_node_certificates(&state, &node, &certs).await {
-                remember(&held_certs, cert);
-            }
+            prefetch_node_certificates(&state, &node, &certs).await;
             tracing::info!(%node, "serving the node's workloads (shared mode)");
             (
                 ServedWorkloads::Node(node),
@@ -323,12 +316,7 @@ enum ServerTls {
 
 /// Fetches the certificates of the node's workloads before the proxy reports ready, as Istio's ztunnel
 /// does, so the first connection does not wait for the CA. Failures are logged; connections retry.
-async fn prefetch_node_certificates(
-    state: &ProxyState,
-    node: &str,
-    certs: &Arc<dyn CertProvider>,
-) -> Vec<CertWatch> {
-    let mut fetched = Vec::new();
+async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<dyn CertProvider>) {
     let snapshot = state.snapshot();
     let identities: std::collections::BTreeSet<_> = snapshot
         .workloads()
@@ -337,21 +325,10 @@ async fn prefetch_node_certificates(
         .collect();
     for identity in identities {
         match tokio::time::timeout(Duration::from_secs(10), certs.certificate(&identity)).await {
-            Ok(Ok(watch)) => {
-                tracing::debug!(%identity, "certificate prefetched");
-                fetched.push(watch);
-            }
+            Ok(Ok(_watch)) => tracing::debug!(%identity, "certificate prefetched"),
             Ok(Err(error)) => tracing::warn!(%identity, %error, "certificate prefetch failed"),
             Err(_) => tracing::warn!(%identity, "certificate prefetch timed out"),
         }
-    }
-    fetched
-}
-
-/// Adds a certificate watch to the ones config_dump lists.
-fn remember(held: &std::sync::Mutex<Vec<CertWatch>>, watch: CertWatch) {
-    if let Ok(mut watches) = held.lock() {
-        watches.push(watch);
     }
 }
 

@@ -136,6 +136,26 @@ fn a_development_root_on_disk_signs_the_workload_certificate() {
             "{dump}"
         );
         assert!(!dump.contains("PRIVATE KEY"), "{dump}");
+        // Its health on the metrics endpoint: one certificate held, valid for at most SECRET_TTL (a day).
+        let metrics = node.run(|| get("127.0.0.1:15020", "/metrics")).unwrap().unwrap();
+        assert!(
+            metrics.contains("\nmeshkit_workload_certificates 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("\nmeshkit_workload_certificate_failures_total 0\n"),
+            "{metrics}"
+        );
+        let expiry = metrics
+            .lines()
+            .find(|line| {
+                line.starts_with(
+                    "meshkit_workload_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/default/sa/app\"} ",
+                )
+            })
+            .unwrap_or_else(|| panic!("no expiry sample:\n{metrics}"));
+        let seconds: f64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!(seconds > 0.0 && seconds <= 86_400.0, "{expiry}");
     });
 }
 

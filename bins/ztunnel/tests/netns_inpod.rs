@@ -320,6 +320,12 @@ fn two_pods_of_one_node_talk_through_their_own_listeners_over_hbone() {
         let reply = cluster.round_trip("server", "client", "back").unwrap();
         assert_eq!(reply, format!("echo back from {}", cluster.pod("server").ip));
         assert_mutual_tls_reported(&cluster, "server", "client");
+        // Each pod's certificate is one the proxy holds and reports.
+        let metrics = cluster.metrics(0);
+        assert!(
+            metrics.contains("\nmeshkit_workload_certificates 2\n"),
+            "{metrics}"
+        );
         cluster.shut_down();
     });
 }

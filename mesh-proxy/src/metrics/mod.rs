@@ -1,6 +1,7 @@
 //! Prometheus metrics for the node proxy, with Istio's names and labels so that existing dashboards and
 //! Kiali keep working: the `istio_tcp_*` traffic families, `istio_build`, process metrics, and component
-//! health metrics the binary registers ([`Metrics::register_gauge`] and friends).
+//! health metrics the binary registers ([`Metrics::register_gauge`] and friends), among them the workload
+//! certificates' health from a [`TrackedCertProvider`].
 //!
 //! [`Metrics`] is a [`ConnectionObserver`]. The data path counts bytes into each connection's
 //! [`ConnectionRecord`]; `Metrics` only takes its lock to insert a record when it opens and to remove it
@@ -10,6 +11,7 @@
 //! Like ztunnel, the opened counter and both byte counters carry `response_flags="-"` (they are labelled
 //! when the connection opens), and the closed counter carries the flag the connection ended with.
 
+mod certs;
 mod labels;
 mod process;
 mod text;
@@ -18,6 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+pub use certs::TrackedCertProvider;
 use labels::TrafficLabels;
 pub use text::MetricKind;
 use text::{Value, write_header, write_sample};
