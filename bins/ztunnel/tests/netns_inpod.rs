@@ -27,8 +27,8 @@ use common::inpod::{
 };
 use common::wire::{self, LinkCapture};
 use common::{
-    APP_PORT, App, ControlPlane, TempDir, Ztunnel, echo_app, eventually, has_metric, metric_sum, metrics,
-    round_trip_to,
+    APP_PORT, App, ControlPlane, OpenConnection, TempDir, Ztunnel, echo_app, eventually, has_metric,
+    metric_sum, metrics, round_trip_to,
 };
 use mesh_core::SpiffeId;
 use mesh_test::cni::{CniConnection, FakeCni};
@@ -386,6 +386,16 @@ fn a_deny_policy_from_the_control_plane_refuses_the_denied_client_only() {
                 cluster.logs()
             );
         }
+        // A live connection from each, open before the policy arrives.
+        let server_addr = cluster.pod("server").addr(APP_PORT);
+        let mut live: Vec<OpenConnection> = ["client", "other"]
+            .iter()
+            .map(|from| {
+                let mut open = OpenConnection::connect(&cluster.pod(from).netns, &server_addr).unwrap();
+                assert!(open.exchange("live").is_ok(), "{from}\n{}", cluster.logs());
+                open
+            })
+            .collect();
 
         cluster.dir.write_config(
             "policy.yaml",
@@ -408,6 +418,19 @@ spec:
         );
         let reply = cluster.round_trip("other", "server", "allowed").unwrap();
         assert_eq!(reply, format!("echo allowed from {}", cluster.pod("other").ip));
+        // The denied client's live connection was closed by the proxy (not left to time out); the other's
+        // still carries bytes.
+        assert!(
+            live[0].is_closed(),
+            "the denied client's open connection survived the policy\n{}",
+            cluster.logs()
+        );
+        assert_eq!(
+            live[1].exchange("still"),
+            Ok(format!("echo still from {}", cluster.pod("other").ip)),
+            "{}",
+            cluster.logs()
+        );
         eventually(
             Duration::from_secs(10),
             "the denial in the destination's metrics",

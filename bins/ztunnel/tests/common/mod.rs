@@ -370,11 +370,23 @@ impl OpenConnection {
         }
     }
 
-    /// Whether the peer closed (or reset) the connection: a read returns end of file or an error within
-    /// the read timeout, rather than data.
+    /// Whether the peer closed (or reset) the connection: a read returns end of file or a reset within
+    /// the read timeout. Data, or nothing at all until the timeout, means it is still open.
     pub fn is_closed(&mut self) -> bool {
         let mut line = String::new();
-        matches!(self.reader.read_line(&mut line), Ok(0) | Err(_))
+        closed_by_peer(&self.reader.read_line(&mut line))
+    }
+}
+
+/// Whether a blocking read's result says the peer ended the connection (end of file, or a reset and the
+/// like), as opposed to data or a read timeout, which a connection that is still open gives.
+pub fn closed_by_peer(read: &std::io::Result<usize>) -> bool {
+    match read {
+        Ok(n) => *n == 0,
+        Err(error) => !matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
     }
 }
 
