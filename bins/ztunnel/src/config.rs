@@ -134,9 +134,19 @@ pub(crate) struct Args {
     /// Listen on `[::]` rather than `0.0.0.0`.
     #[arg(long, env = "IPV6_ENABLED", value_name = "IPV6_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
     pub ipv6_enabled: bool,
-    /// How long connections may finish after SIGTERM before they are closed.
-    #[arg(long, env = "TERMINATION_GRACE_PERIOD_SECONDS", value_name = "TERMINATION_GRACE_PERIOD_SECONDS", default_value = "5s", value_parser = parse_duration)]
-    pub drain_deadline: Duration,
+    /// How long connections may finish after SIGTERM before they are closed (e.g. `10s`). Takes precedence
+    /// over TERMINATION_GRACE_PERIOD_SECONDS; default 5 s.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_name = "CONNECTION_TERMINATION_DEADLINE", value_parser = parse_duration)]
+    pub connection_termination_deadline: Option<Duration>,
+    /// The pod's `terminationGracePeriodSeconds` (whole seconds), as Istio's chart passes it: the drain ends
+    /// 5 s before it (1 s when it is 10 s or less, and lasts at least 1 s), so the proxy closes what is left
+    /// itself before Kubernetes kills it.
+    #[arg(
+        long,
+        env = "TERMINATION_GRACE_PERIOD_SECONDS",
+        value_name = "TERMINATION_GRACE_PERIOD_SECONDS"
+    )]
+    pub termination_grace_period_seconds: Option<u64>,
     /// Most streams per pooled HBONE connection before another is opened.
     #[arg(
         long,
@@ -252,6 +262,9 @@ pub(crate) struct Config {
     pub own_identity: SpiffeId,
     /// Worker threads of the data-path runtime, from ZTUNNEL_WORKER_THREADS and ZTUNNEL_CPU_LIMIT.
     pub workers: usize,
+    /// How long open connections may finish after SIGTERM, from CONNECTION_TERMINATION_DEADLINE or
+    /// TERMINATION_GRACE_PERIOD_SECONDS.
+    pub drain_deadline: Duration,
 }
 
 /// Why the configuration was refused; names the variable.
@@ -416,6 +429,10 @@ impl Config {
             None => std::thread::available_parallelism().map_or(2, usize::from),
         };
         let workers = worker_threads(args.worker_threads.as_deref(), cores)?;
+        let drain_deadline = drain_deadline(
+            args.connection_termination_deadline,
+            args.termination_grace_period_seconds,
+        );
         if args.pool_max_streams == 0 {
             return Err(invalid("POOL_MAX_STREAMS_PER_CONNECTION", "must be at least 1"));
         }
@@ -427,7 +444,22 @@ impl Config {
             trust_domain,
             own_identity,
             workers,
+            drain_deadline,
         })
+    }
+}
+
+/// The drain deadline as Istio's ztunnel derives it: CONNECTION_TERMINATION_DEADLINE as given; else from
+/// the pod's grace period, leaving time to close what is left before Kubernetes' SIGKILL (5 s of a grace
+/// period over 10 s, else 1 s; at least 1 s); else 5 s.
+fn drain_deadline(explicit: Option<Duration>, grace_period_seconds: Option<u64>) -> Duration {
+    match (explicit, grace_period_seconds) {
+        (Some(deadline), _) => deadline,
+        (None, Some(grace)) => {
+            let margin = if grace > 10 { 5 } else { 1 };
+            Duration::from_secs(grace.saturating_sub(margin).max(1))
+        }
+        (None, None) => Duration::from_secs(5),
     }
 }
 
@@ -564,6 +596,15 @@ mod tests {
         );
     }
 
+    #[test_case(&[] => Duration::from_secs(5) ; "default")]
+    #[test_case(&["--termination-grace-period-seconds", "30"] => Duration::from_secs(25) ; "istio chart's 30 s")]
+    #[test_case(&["--termination-grace-period-seconds", "10"] => Duration::from_secs(9) ; "short grace keeps 1 s")]
+    #[test_case(&["--termination-grace-period-seconds", "1"] => Duration::from_secs(1) ; "at least a second")]
+    #[test_case(&["--termination-grace-period-seconds", "30", "--connection-termination-deadline", "2s"] => Duration::from_secs(2) ; "explicit deadline first")]
+    fn drain_deadline_follows_istio(extra: &[&str]) -> Duration {
+        Config::from_args(args(extra).unwrap()).unwrap().drain_deadline
+    }
+
     #[test_case(&["--cpu-limit", "16"] => 4 ; "a quarter of the limit")]
     #[test_case(&["--cpu-limit", "4"] => 2 ; "at least two by default")]
     #[test_case(&["--cpu-limit", "9"] => 3 ; "a quarter rounded up")]
@@ -573,6 +614,18 @@ mod tests {
     #[test_case(&["--cpu-limit", "2", "--worker-threads", "6"] => 6 ; "a count is taken as it is")]
     fn workers_follow_istios_settings(extra: &[&str]) -> usize {
         Config::from_args(args(extra).unwrap()).unwrap().workers
+    }
+
+    #[test]
+    fn grace_period_is_whole_seconds_as_kubernetes_gives_it() {
+        let error = args(&["--termination-grace-period-seconds", "2s"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("TERMINATION_GRACE_PERIOD_SECONDS"), "{error}");
+        let error = args(&["--connection-termination-deadline", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CONNECTION_TERMINATION_DEADLINE"), "{error}");
     }
 
     #[test]

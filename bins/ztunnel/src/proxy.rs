@@ -117,7 +117,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             trust_domain: config.trust_domain.clone(),
             hbone: hbone.clone(),
             listener: ListenerConfig {
-                drain_deadline: config.args.drain_deadline,
+                drain_deadline: config.drain_deadline,
                 ..ListenerConfig::default()
             },
             observers: observers.clone(),
@@ -140,18 +140,18 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         tracing::info!(socket = %config.args.inpod_uds.display(), "ztunnel in in-pod mode: waiting for pods from istio-cni");
         // The drain completes when every watch is gone: this function's own must go first.
         drop(drain);
-        let stopped = shut_down_on_signal(&config, quit_rx, drain_trigger).await;
-        // Each pod's listeners drain on their own trigger, with the same deadline.
-        if tokio::time::timeout(
-            config.args.drain_deadline + Duration::from_secs(1),
-            pods.drain_all(),
-        )
-        .await
-        .is_err()
-        {
-            tracing::warn!("pod connections still open after the drain deadline; closing them");
+        wait_for_stop(quit_rx).await?;
+        // The node's own listeners and every pod's (each on its own trigger) drain at once, with the same
+        // deadline, so the whole drain fits in the deadline Kubernetes was promised.
+        let deadline = config.drain_deadline + Duration::from_secs(1);
+        let (node, pods) = tokio::join!(
+            tokio::time::timeout(deadline, drain_trigger.drain()),
+            tokio::time::timeout(deadline, pods.drain_all()),
+        );
+        if node.is_err() || pods.is_err() {
+            tracing::warn!("connections still open after the drain deadline; closing them");
         }
-        return stopped;
+        return Ok(());
     }
 
     // Who this proxy serves, and with which certificate on 15008.
@@ -233,7 +233,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         }
     });
     let listener_config = ListenerConfig {
-        drain_deadline: config.args.drain_deadline,
+        drain_deadline: config.drain_deadline,
         ..ListenerConfig::default()
     };
     let plaintext_listener = bind(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT)).await?;
@@ -336,24 +336,30 @@ async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<
 /// connections get the drain deadline.
 async fn shut_down_on_signal(
     config: &Config,
-    mut quit_rx: watch::Receiver<bool>,
+    quit_rx: watch::Receiver<bool>,
     drain_trigger: drain::DrainTrigger,
 ) -> Result<(), BoxError> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        result = tokio::signal::ctrl_c() => { result?; tracing::info!("interrupted: draining"); }
-        _ = quit_rx.wait_for(|quit| *quit) => tracing::info!("/quitquitquit: draining"),
-    }
+    wait_for_stop(quit_rx).await?;
     // Listeners stop accepting at once; open connections get the drain deadline.
     if tokio::time::timeout(
-        config.args.drain_deadline + Duration::from_secs(1),
+        config.drain_deadline + Duration::from_secs(1),
         drain_trigger.drain(),
     )
     .await
     .is_err()
     {
         tracing::warn!("connections still open after the drain deadline; closing them");
+    }
+    Ok(())
+}
+
+/// Returns at SIGTERM, Ctrl-C or `/quitquitquit`.
+async fn wait_for_stop(mut quit_rx: watch::Receiver<bool>) -> Result<(), BoxError> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
+        result = tokio::signal::ctrl_c() => { result?; tracing::info!("interrupted: draining"); }
+        _ = quit_rx.wait_for(|quit| *quit) => tracing::info!("/quitquitquit: draining"),
     }
     Ok(())
 }

@@ -726,3 +726,64 @@ fn a_pod_the_configuration_does_not_know_yet_has_its_connections_closed_not_held
         cluster.shut_down();
     });
 }
+
+/// SIGTERM in in-pod mode: a pod's open connection keeps working through the drain while new ones are
+/// refused (the pods' listeners close with the node's), and the proxy exits within the drain deadline plus
+/// a margin, closing what was left.
+#[test]
+fn sigterm_drains_the_pods_open_connections_then_exits() {
+    isolated(|| {
+        const DEADLINE: Duration = Duration::from_secs(3);
+        const MARGIN: Duration = Duration::from_secs(5);
+        let mut cluster = Cluster::start_with(
+            &[("node-a", &["client", "server"])],
+            &[(
+                "CONNECTION_TERMINATION_DEADLINE",
+                format!("{}s", DEADLINE.as_secs()),
+            )],
+        );
+        cluster.enroll_all();
+        let server_addr = cluster.pod("server").addr(APP_PORT);
+        let mut open = OpenConnection::connect(&cluster.pod("client").netns, &server_addr).unwrap();
+        let client_ip = cluster.pod("client").ip.clone();
+        assert_eq!(
+            open.exchange("before"),
+            Ok(format!("echo before from {client_ip}")),
+            "{}",
+            cluster.logs()
+        );
+
+        let signalled = std::time::Instant::now();
+        cluster.proxies[0].proxy.signal_term();
+        eventually(
+            DEADLINE,
+            "new connections to be refused while draining",
+            || cluster.round_trip("client", "server", "new").is_err(),
+            || cluster.logs(),
+        );
+        let mut exchanges = 0;
+        while signalled.elapsed() + Duration::from_millis(700) < DEADLINE {
+            let message = format!("during {exchanges}");
+            assert_eq!(
+                open.exchange(&message),
+                Ok(format!("echo {message} from {client_ip}")),
+                "the open connection failed {:?} after SIGTERM\n{}",
+                signalled.elapsed(),
+                cluster.logs()
+            );
+            exchanges += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = cluster.proxies[0].proxy.wait_exit(DEADLINE + MARGIN);
+        let status = status.unwrap_or_else(|| {
+            panic!(
+                "ztunnel still running {:?} after SIGTERM\n{}",
+                signalled.elapsed(),
+                cluster.logs()
+            )
+        });
+        assert!(status.success(), "{status}\n{}", cluster.logs());
+        assert!(exchanges > 0, "no exchange happened during the drain");
+        assert!(open.is_closed(), "the open connection outlived the proxy");
+    });
+}

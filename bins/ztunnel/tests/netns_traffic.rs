@@ -461,7 +461,7 @@ enum Side {
 fn drains_on_sigterm(side: Side) {
     const GRACE: Duration = Duration::from_secs(3);
     const MARGIN: Duration = Duration::from_secs(5);
-    let grace = vec![("TERMINATION_GRACE_PERIOD_SECONDS", GRACE.as_secs().to_string())];
+    let grace = vec![("CONNECTION_TERMINATION_DEADLINE", format!("{}s", GRACE.as_secs()))];
     let mut nodes = TwoNodes::start(match side {
         Side::Client => Options {
             client_env: grace,

@@ -160,7 +160,7 @@ impl Ztunnel {
             .env("CLUSTER_ID", "Kubernetes")
             .env("POD_NAME", format!("ztunnel-{name}"))
             .env("IPV6_ENABLED", "false")
-            .env("TERMINATION_GRACE_PERIOD_SECONDS", "2s")
+            .env("CONNECTION_TERMINATION_DEADLINE", "2s")
             .env("RUST_LOG", "info")
             // Plain log lines (tracing-subscriber colours them otherwise, even into a file).
             .env("NO_COLOR", "1")
