@@ -82,7 +82,8 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     let tracked_certs = TrackedCertProvider::new(cert_provider(&config).await?);
     tracked_certs.register_metrics(&metrics)?;
     let certs: Arc<dyn CertProvider> = Arc::new(tracked_certs.clone());
-    let (state, ads) = start_config_source(&config, config_ready, drain.clone()).await?;
+    let (configured_tx, mut configured) = watch::channel(false);
+    let (state, ads) = start_config_source(&config, config_ready, configured_tx, drain.clone()).await?;
     if let Some(ads) = ads {
         register_xds_metrics(&metrics, ads)?;
     }
@@ -190,6 +191,10 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 certs.clone(),
                 vec![config.trust_domain.clone()],
             );
+            // The node's workloads are known only once the first configuration is in.
+            if configured.wait_for(|configured| *configured).await.is_err() {
+                return Err("the configuration source stopped before its first configuration".into());
+            }
             prefetch_node_certificates(&state, &node, &certs).await;
             tracing::info!(%node, "serving the node's workloads (shared mode)");
             (
@@ -500,11 +505,12 @@ fn read_pem(variable: &str, value: &str) -> Result<Vec<u8>, BoxError> {
     std::fs::read(value).map_err(|e| format!("{variable}: cannot read {value}: {e}").into())
 }
 
-/// Starts whichever configuration source is configured and returns the state the proxies read. `ready`
-/// is marked done once the first configuration is in the state.
+/// Starts whichever configuration source is configured and returns the state the proxies read. Once the
+/// first configuration is in the state, `ready` is marked done and `configured` turns true.
 async fn start_config_source(
     config: &Config,
     ready: ReadyToken,
+    configured: watch::Sender<bool>,
     drain: DrainWatch,
 ) -> Result<(ProxyState, Option<AdsHandle>), BoxError> {
     let snapshots = SnapshotPublisher::new();
@@ -555,6 +561,7 @@ async fn start_config_source(
                     let _ = built.wait_for(|revision| *revision >= target).await;
                     tracing::info!("first xDS push applied");
                     ready.done();
+                    configured.send_replace(true);
                 }
             });
         }
@@ -568,6 +575,7 @@ async fn start_config_source(
             let mut configs = watcher.subscribe();
             apply_local(&configs.borrow_and_update(), &snapshots, &policies_tx);
             ready.done();
+            configured.send_replace(true);
             tokio::spawn(async move {
                 // The watcher lives as long as this task.
                 let _watcher = watcher;
@@ -584,6 +592,7 @@ async fn start_config_source(
             let local = mesh_xds::load_str(text, "LOCAL_XDS", &local_options(config))?;
             apply_local(&local, &snapshots, &policies_tx);
             ready.done();
+            configured.send_replace(true);
             // Nothing changes; keep the publishers alive for the receivers' sake.
             tokio::spawn(async move {
                 drain.signaled().await;

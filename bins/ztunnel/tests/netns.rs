@@ -268,6 +268,14 @@ workloads:
             )
         };
         wait_ready(&[(&client, CLIENT_IP), (&server, SERVER_IP)], logs);
+        // Ready means the node's workloads' certificates are in hand (fetched after the first xDS push,
+        // before any connection asks for them), as Istio's ztunnel prefetches them.
+        let (_, node_metrics) = http_get(&server, &format!("{SERVER_IP}:15020"), "/metrics").unwrap();
+        assert!(
+            node_metrics.contains("\nmeshkit_workload_certificates 2\n"),
+            "{node_metrics}\n{}",
+            logs()
+        );
 
         for (ip, workload) in [(SERVER_IP, "server-a"), (SERVER_B_IP, "server-b")] {
             let ip = ip.to_owned();
