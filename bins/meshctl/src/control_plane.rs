@@ -47,8 +47,9 @@ pub(crate) struct ControlPlaneArgs {
     /// are accepted, from any address: the way to serve proxies in other network namespaces or machines.
     #[arg(long = "token", value_name = "TOKEN=SPIFFE_ID[@NODE]", value_parser = parse_token)]
     tokens: Vec<(String, Caller)>,
-    /// How often the configuration is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often the configuration is checked for changes (an edit reaches the proxies within about this
+    /// plus the push).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     poll_interval: Duration,
 }
 

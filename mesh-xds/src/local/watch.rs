@@ -18,8 +18,10 @@ use super::source::{self, Source};
 use super::{LocalConfig, LocalOptions, load_sources};
 use crate::XdsError;
 
-/// How often [`LocalWatcher`] polls unless told otherwise.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often [`LocalWatcher`] polls unless told otherwise: often enough that an edit reaches the proxies
+/// well within a second (a policy change must take effect that fast), rarely enough that reading small
+/// configuration files costs nothing measurable.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// The shortest polling interval [`LocalWatcher`] uses: shorter ones are raised to this, so that a
 /// misconfigured interval cannot turn the watcher into a busy loop over the file system.
 pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
