@@ -182,16 +182,15 @@ async fn serve_pod(
             move |stream: TcpStream, peer: SocketAddr| {
                 let ready = ready.clone();
                 async move {
-                    let Ok(original_dst) = sys::original_destination(&stream) else {
-                        return;
+                    let connection = match PlaintextConnection::accepted(stream, peer) {
+                        Ok(connection) => connection,
+                        Err(error) => {
+                            tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
+                            return;
+                        }
                     };
                     let Some(pipelines) = pipelines(ready).await else {
                         return not_ready("inbound plaintext", peer);
-                    };
-                    let connection = PlaintextConnection {
-                        stream,
-                        peer_addr: peer,
-                        original_dst,
                     };
                     if let Err(error) = pipelines.plaintext.serve_connection(connection).await {
                         tracing::debug!(%peer, %error, "inbound plaintext connection ended");

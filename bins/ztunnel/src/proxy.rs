@@ -247,17 +247,12 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         move |stream: TcpStream, peer: SocketAddr| {
             let plaintext = plaintext.clone();
             async move {
-                let original_dst = match sys::original_destination(&stream) {
-                    Ok(addr) => addr,
+                let connection = match PlaintextConnection::accepted(stream, peer) {
+                    Ok(connection) => connection,
                     Err(error) => {
                         tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
                         return;
                     }
-                };
-                let connection = PlaintextConnection {
-                    stream,
-                    peer_addr: peer,
-                    original_dst,
                 };
                 if let Err(error) = plaintext.serve_connection(connection).await {
                     tracing::debug!(%peer, %error, "inbound plaintext connection ended");

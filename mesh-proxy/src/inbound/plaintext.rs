@@ -26,6 +26,25 @@ pub struct PlaintextConnection {
     pub original_dst: SocketAddr,
 }
 
+impl PlaintextConnection {
+    /// A connection the listener accepted from `peer_addr`, with its original destination as Istio's
+    /// ztunnel reads it: `SO_ORIGINAL_DST` (a `REDIRECT`ed connection, or a tracked `TPROXY` one, which
+    /// answers with the local address), else the local address itself (a `TPROXY` connection the kernel
+    /// does not track). A destination on the proxy's own ports is refused when it is served, so a client
+    /// that connects to 15006 directly cannot make the proxy connect to itself.
+    pub fn accepted(stream: TcpStream, peer_addr: SocketAddr) -> std::io::Result<Self> {
+        let original_dst = match mesh_core::sys::original_destination(&stream) {
+            Ok(original) => original,
+            Err(_) => mesh_core::sys::tproxy_original_destination(&stream)?,
+        };
+        Ok(PlaintextConnection {
+            stream,
+            peer_addr,
+            original_dst,
+        })
+    }
+}
+
 /// Serves plaintext connections to the workloads this proxy serves, as ztunnel's inbound passthrough
 /// does: the destination workload at the original destination, L4 policy evaluated with no peer
 /// identity (a STRICT PeerAuthentication reaches us from istiod as a DENY policy, so policy covers it),
