@@ -1,7 +1,10 @@
 //! [`HboneConnector`]: opens HBONE tunnels, pooling HTTP/2 connections per (source identity, expected
-//! destination identities, destination address).
+//! destination identities, destination address, source address).
 //!
 //! Pool rules (Istio ztunnel's, including its fix for racing handshakes):
+//! - A connection bound to one client's address ([`ConnectRequest::source_addr`]) never carries another
+//!   client's stream: the address is part of the key, since the peer attributes every stream on the
+//!   connection to the connection's source IP.
 //! - A connection carries at most `min(pool_max_streams_per_connection, peer's MAX_CONCURRENT_STREAMS)`
 //!   streams; a full connection is passed over and the next caller opens another.
 //! - Only one handshake per key is in flight: concurrent callers wait for it and then share the new
@@ -11,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -48,6 +51,12 @@ pub struct ConnectRequest {
     /// Extra request headers (`baggage`, `forwarded`, `x-forwarded-network`, ...). A `traceparent` is
     /// added if absent.
     pub headers: HeaderMap,
+    /// Bind the connection to this local address: the client's own IP where a node proxy preserves the
+    /// original source, so the destination's IP-based policy and telemetry see the real client. Part of
+    /// the pool key. `None` lets the system pick. The [`SocketFactory`] must honour it or fail the
+    /// connect (the default factory, [`PlainSockets`], binds it). Ignored by
+    /// [`HboneConnector::connect_over`], which opens no socket.
+    pub source_addr: Option<IpAddr>,
 }
 
 impl ConnectRequest {
@@ -64,7 +73,15 @@ impl ConnectRequest {
             expected_identities,
             authority: authority.into(),
             headers: HeaderMap::new(),
+            source_addr: None,
         }
+    }
+
+    /// Binds the connection to `ip` (see [`ConnectRequest::source_addr`]). An IPv4-mapped IPv6 address
+    /// is stored as IPv4.
+    pub fn with_source_addr(mut self, ip: IpAddr) -> Self {
+        self.source_addr = Some(ip.to_canonical());
+        self
     }
 
     /// Adds the `baggage` header describing the source workload.
@@ -93,6 +110,7 @@ impl ConnectRequest {
             source: self.source.clone(),
             expected,
             destination: self.destination,
+            source_addr: self.source_addr.map(|ip| ip.to_canonical()),
         }
     }
 
@@ -131,6 +149,8 @@ struct PoolKey {
     source: SpiffeId,
     expected: Vec<SpiffeId>,
     destination: SocketAddr,
+    /// A connection bound to one client's address must never carry another client's streams.
+    source_addr: Option<IpAddr>,
 }
 
 /// Opens HBONE tunnels: a `tower::Service<ConnectRequest, Response = HboneStream>`. Cheap to clone; clones
@@ -344,7 +364,7 @@ impl Inner {
         let connect = async {
             let tcp = self
                 .sockets
-                .connect(addr)
+                .connect_from(request.source_addr.map(|ip| ip.to_canonical()), addr)
                 .await
                 .map_err(|source| HboneError::Connect { addr, source })?;
             let _ = tcp.set_nodelay(true);
@@ -623,6 +643,7 @@ mod tests {
             source: id.clone(),
             expected: vec![id],
             destination: SocketAddr::from(([127, 0, 0, 1], i)),
+            source_addr: None,
         }
     }
 

@@ -5,9 +5,10 @@
 //!
 //! ## Layout
 //! - [`HboneConnector`]: the client, a `tower::Service<ConnectRequest, Response = HboneStream>` that
-//!   pools HTTP/2 connections per (source identity, expected destination identities, destination address),
-//!   with one handshake in flight per key and stream limits per connection. Its TCP connections come from
-//!   a [`SocketFactory`] ([`MarkedSockets`] keeps a node proxy's own traffic out of capture).
+//!   pools HTTP/2 connections per (source identity, expected destination identities, destination address,
+//!   source address), with one handshake in flight per key and stream limits per connection. Its TCP
+//!   connections come from a [`SocketFactory`] ([`MarkedSockets`] keeps a node proxy's own traffic out of
+//!   capture; a request's `source_addr` binds its connection to the client's own IP).
 //! - [`HboneAcceptor`]: the server; answers protocol errors itself and hands each valid CONNECT as an
 //!   [`InboundTunnel`] to your `tower::Service`, which accepts it (200) or rejects it (401, 503, ...).
 //!   It presents one certificate, or per connection the one a [`ServerConfigSelector`] picks from the

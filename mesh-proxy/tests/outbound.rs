@@ -3,7 +3,8 @@
 //! routes it by the mesh snapshot to a plain echo server (passthrough), or over HBONE through real
 //! mutual TLS to a real `HboneAcceptor` whose test service records what it received and echoes.
 //!
-//! Addresses: the client binds 127.0.0.2 (the `client` workload), the passthrough echo server is on
+//! Addresses: the client binds 127.0.0.2 (the `client` workload; 127.0.0.5 is a second one, `client-b`,
+//! for the original-source tests), the passthrough echo server is on
 //! 127.0.0.3 (not in the mesh), the HBONE `server` workload is 127.0.0.4 (service VIP 127.0.0.10),
 //! 127.0.0.6 is an HBONE workload nobody listens for, 127.0.0.7 presents the wrong identity. These are on
 //! network `local`; the service at 127.0.0.11 has its endpoint on network `remote`, reached by double
@@ -41,6 +42,8 @@ use tokio::sync::mpsc;
 
 const BOUND: Duration = Duration::from_secs(10);
 const CLIENT_IP: &str = "127.0.0.2";
+/// A second client workload (same service account), so two clients have different IPs.
+const SECOND_CLIENT_IP: &str = "127.0.0.5";
 const ECHO_IP: &str = "127.0.0.3";
 const SERVER_IP: &str = "127.0.0.4";
 const UNREACHABLE_IP: &str = "127.0.0.6";
@@ -77,6 +80,8 @@ impl ConnectionObserver for Recorder {
 #[derive(Debug)]
 struct Seen {
     peer: SpiffeId,
+    /// The TCP peer of the HBONE connection: where the destination thinks the client is.
+    peer_addr: SocketAddr,
     target: TunnelTarget,
     baggage: Baggage,
     forwarded: Option<Forwarded>,
@@ -87,6 +92,7 @@ impl Seen {
     fn of(tunnel: &InboundTunnel) -> Seen {
         Seen {
             peer: tunnel.peer_identity().clone(),
+            peer_addr: tunnel.peer_addr(),
             target: tunnel.target().clone(),
             baggage: tunnel.baggage(),
             forwarded: Forwarded::from_headers(tunnel.headers()),
@@ -278,6 +284,12 @@ fn snapshot(gateway_port: u16) -> MeshSnapshot {
         .add_workload(remote)
         .add_workload(gateway)
         .add_workload(client)
+        .add_workload(workload(
+            "client-b",
+            SECOND_CLIENT_IP,
+            "client",
+            TunnelProtocol::Hbone,
+        ))
         .add_workload(server)
         .add_workload(workload("gone", UNREACHABLE_IP, "gone", TunnelProtocol::Hbone))
         .add_workload(workload(
@@ -293,6 +305,9 @@ fn snapshot(gateway_port: u16) -> MeshSnapshot {
 struct Fixture {
     pki: TestPki,
     outbound: Outbound,
+    connector: HboneConnector,
+    /// The port every HBONE acceptor of the fixture listens on.
+    hbone_port: u16,
     closed: mpsc::UnboundedReceiver<(Arc<ConnectionRecord>, ConnectionOutcome)>,
     recorder: Arc<Recorder>,
     seen: mpsc::UnboundedReceiver<Seen>,
@@ -305,6 +320,11 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(peer_ip_lookup(), false).await
+}
+
+/// The fixture with the outbound proxy's source lookup and `original_source` setting given.
+async fn fixture_with(source: SourceLookup, original_source: bool) -> Fixture {
     let pki = TestPki::new();
     let (trigger, drain) = mesh_core::drain::channel();
     let (server, seen) = acceptor(&pki, SERVER_IP, 0, "server", drain.clone()).await;
@@ -326,17 +346,18 @@ async fn fixture() -> Fixture {
         closed: closed_tx,
     });
     let config = OutboundConfig {
-        source: SourceLookup::PeerIp {
-            network: NETWORK.into(),
-        },
+        source,
         hbone_port: server.port(),
+        original_source,
         ..OutboundConfig::default()
     };
     let state = ProxyState::fixed(snapshot(gateway.port()), L4PolicySet::default());
     let observers = Observers::new(vec![recorder.clone()]);
     Fixture {
         pki,
-        outbound: Outbound::new(config, state, connector, observers),
+        outbound: Outbound::new(config, state, connector.clone(), observers),
+        connector,
+        hbone_port: server.port(),
         closed,
         recorder,
         seen,
@@ -820,4 +841,128 @@ async fn passthrough_sockets_are_bounded_by_the_connect_timeout() {
         other => panic!("expected an upstream timeout, got {other:?}"),
     }
     assert_eq!(*sockets.asked.lock().unwrap(), vec![destination]);
+}
+
+// ---- Original source: HBONE from the client's own IP ------------------------------------------------
+
+/// Sends one message from a client at `ip` through the outbound proxy to `destination`, checks the echo,
+/// and returns what the HBONE peer saw.
+async fn tunnel_from(
+    f: &Fixture,
+    ip: &str,
+    destination: SocketAddr,
+    seen: &mut mpsc::UnboundedReceiver<Seen>,
+) -> Seen {
+    let (proxy, mut results) = f.listen(destination).await;
+    let mut client = connect_from(ip, proxy).await;
+    let message = format!("from {ip}");
+    assert_eq!(
+        exchange(&mut client, message.as_bytes()).await.unwrap(),
+        message.as_bytes()
+    );
+    result(&mut results).await.unwrap();
+    tokio::time::timeout(BOUND, seen.recv()).await.unwrap().unwrap()
+}
+
+fn peer_ip_lookup() -> SourceLookup {
+    SourceLookup::PeerIp {
+        network: NETWORK.into(),
+    }
+}
+
+#[tokio::test]
+async fn original_source_binds_each_clients_hbone_connections_to_its_ip() {
+    let mut f = fixture_with(peer_ip_lookup(), true).await;
+    let server = sock(&format!("{SERVER_IP}:8080"));
+    let mut seen = std::mem::replace(&mut f.seen, mpsc::unbounded_channel().1);
+
+    let first = tunnel_from(&f, CLIENT_IP, server, &mut seen).await;
+    let second = tunnel_from(&f, SECOND_CLIENT_IP, server, &mut seen).await;
+    assert_eq!(
+        first.peer_addr.ip().to_string(),
+        CLIENT_IP,
+        "the destination sees the client's own IP"
+    );
+    assert_eq!(second.peer_addr.ip().to_string(), SECOND_CLIENT_IP);
+    assert_eq!(
+        first.peer, second.peer,
+        "same identity, yet not the same connection"
+    );
+    assert_eq!(f.connector.stats().handshakes, 2);
+
+    // The first client again: its own pooled connection, not the other client's.
+    let again = tunnel_from(&f, CLIENT_IP, server, &mut seen).await;
+    assert_eq!(
+        again.peer_addr, first.peer_addr,
+        "the client's connection is reused"
+    );
+    assert_eq!(f.connector.stats().handshakes, 2);
+
+    // Double HBONE: the outer connection, the one that leaves this host, comes from the client too.
+    let (proxy, mut results) = f.listen(sock(&format!("{REMOTE_VIP}:80"))).await;
+    let mut client = connect_from(SECOND_CLIENT_IP, proxy).await;
+    assert_eq!(exchange(&mut client, b"remote").await.unwrap(), b"remote");
+    result(&mut results).await.unwrap();
+    let outer = tokio::time::timeout(BOUND, f.outer_seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outer.peer_addr.ip().to_string(), SECOND_CLIENT_IP);
+    let inner = tokio::time::timeout(BOUND, f.inner_seen.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inner.peer, f.pki.id("default", "client"));
+}
+
+#[tokio::test]
+async fn without_original_source_hbone_comes_from_the_proxy_and_is_shared() {
+    let mut f = fixture().await;
+    let server = sock(&format!("{SERVER_IP}:8080"));
+    let mut seen = std::mem::replace(&mut f.seen, mpsc::unbounded_channel().1);
+    let first = tunnel_from(&f, CLIENT_IP, server, &mut seen).await;
+    let second = tunnel_from(&f, SECOND_CLIENT_IP, server, &mut seen).await;
+    assert_ne!(first.peer_addr.ip().to_string(), CLIENT_IP);
+    assert_eq!(
+        first.peer_addr, second.peer_addr,
+        "both clients' tunnels ride one connection from the proxy's address"
+    );
+    assert_eq!(f.connector.stats().handshakes, 1);
+}
+
+#[tokio::test]
+async fn a_proxy_for_one_workload_does_not_bind_hbone_to_the_client() {
+    // In-pod or dedicated mode: the proxy's sockets already carry the workload's address.
+    let source = SourceLookup::Workload {
+        uid: "cluster1//v1/Pod/default/client".into(),
+    };
+    let mut f = fixture_with(source, true).await;
+    let mut seen = std::mem::replace(&mut f.seen, mpsc::unbounded_channel().1);
+    let tunnel = tunnel_from(&f, CLIENT_IP, sock(&format!("{SERVER_IP}:8080")), &mut seen).await;
+    assert_eq!(tunnel.peer, f.pki.id("default", "client"));
+    assert_ne!(
+        tunnel.peer_addr.ip().to_string(),
+        CLIENT_IP,
+        "no source address is bound with SourceLookup::Workload"
+    );
+}
+
+#[tokio::test]
+async fn a_client_calling_its_own_ip_is_connected_from_the_proxy() {
+    // Hairpin: a packet from an address to itself does not make the round trip through a node's
+    // routing, so (as ztunnel does) this one call is made from the proxy's address.
+    let f = fixture_with(peer_ip_lookup(), true).await;
+    let (_, mut own_seen) = acceptor(&f.pki, CLIENT_IP, f.hbone_port, "client", f.drain.clone()).await;
+    let tunnel = tunnel_from(&f, CLIENT_IP, sock(&format!("{CLIENT_IP}:8080")), &mut own_seen).await;
+    assert_eq!(tunnel.peer, f.pki.id("default", "client"));
+    assert_ne!(tunnel.peer_addr.ip().to_string(), CLIENT_IP);
+    // Another client reaching the same workload is still bound to its own IP.
+    let other = tunnel_from(
+        &f,
+        SECOND_CLIENT_IP,
+        sock(&format!("{CLIENT_IP}:8080")),
+        &mut own_seen,
+    )
+    .await;
+    assert_eq!(other.peer_addr.ip().to_string(), SECOND_CLIENT_IP);
 }

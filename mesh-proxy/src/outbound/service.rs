@@ -85,8 +85,26 @@ pub struct OutboundConfig {
     /// [`sys::PROXY_MARK`], whenever traffic is captured). Setting it needs `CAP_NET_ADMIN`; if it fails,
     /// the connection fails rather than risk being captured again.
     pub mark: Option<u32>,
-    /// Connect plain-TCP upstreams from the client's own IP (ztunnel's `ENABLE_ORIG_SRC`; needs
-    /// `CAP_NET_ADMIN` and TPROXY-style routing of the replies back to this host).
+    /// Connect upstreams from the client's own IP (ztunnel's `ENABLE_ORIG_SRC`), so the destination's
+    /// IP-based policy (`ipBlocks`, `notIpBlocks`) and telemetry see the real client rather than this
+    /// proxy's address. Needs `CAP_NET_ADMIN` and TPROXY-style routing of the replies back to this host.
+    ///
+    /// - Plain-TCP upstreams (passthrough, [`Route::Tcp`]) are bound to the client's IP when its family
+    ///   matches the destination's.
+    /// - HBONE connections are bound to it only with [`SourceLookup::PeerIp`], i.e. a node proxy serving
+    ///   several workloads from its own network namespace: the request's
+    ///   [`source_addr`](ConnectRequest::source_addr) is set, which also keeps each client's connections
+    ///   in a pool of their own. This covers direct tunnels, tunnels to a waypoint, and the outer tunnel of
+    ///   double HBONE (Istio keys all three by the client's IP; the inner tunnel opens no socket). Two
+    ///   exceptions, as in ztunnel: a client reaching its own IP (the HBONE address is the client's) is
+    ///   connected from the proxy's address, since a packet from an address to itself would not make
+    ///   the round trip; and with [`SourceLookup::Workload`] nothing is bound, because the proxy already
+    ///   runs in (or for) that one workload, whose address its sockets carry.
+    ///
+    /// For HBONE the [`HboneConnector`]'s [`SocketFactory`] does the binding: [`mesh_hbone::PlainSockets`]
+    /// and [`mesh_hbone::MarkedSockets`] can; a factory that cannot fails the connection instead of
+    /// connecting from another address, as does a client whose IP family differs from the HBONE
+    /// address's.
     pub original_source: bool,
 }
 
@@ -368,6 +386,19 @@ impl Outbound {
         Ok(stream)
     }
 
+    /// The address to bind HBONE connections for a client at `peer` to, when it reaches `gateway`; see
+    /// [`OutboundConfig::original_source`].
+    fn hbone_source_addr(&self, peer: SocketAddr, gateway: SocketAddr) -> Option<IpAddr> {
+        let config = &self.inner.config;
+        if !config.original_source || !matches!(config.source, SourceLookup::PeerIp { .. }) {
+            return None;
+        }
+        let client = peer.ip().to_canonical();
+        // Hairpin: a packet from the workload's address to that same address is dropped as martian by
+        // the receiving stack, so ztunnel connects such a call from its own address.
+        (client != gateway.ip().to_canonical()).then_some(client)
+    }
+
     /// One HBONE tunnel, presenting the source workload's identity.
     async fn connect_hbone(
         &self,
@@ -375,7 +406,7 @@ impl Outbound {
         peer: SocketAddr,
         hbone: &HboneRoute,
     ) -> Result<HboneStream, ProxyError> {
-        let request = ConnectRequest::new(
+        let mut request = ConnectRequest::new(
             source_identity(source)?,
             hbone.gateway,
             hbone.expected_identities.clone(),
@@ -386,6 +417,9 @@ impl Outbound {
             client: peer,
             host: hbone.service.as_ref().map(|s| s.hostname.to_string()),
         });
+        if let Some(ip) = self.hbone_source_addr(peer, hbone.gateway) {
+            request = request.with_source_addr(ip);
+        }
         self.inner
             .connector
             .connect(request)
@@ -407,12 +441,16 @@ impl Outbound {
     ) -> Result<HboneStream, ProxyError> {
         let identity = source_identity(source)?;
         let authority = double.authority.to_string();
-        let outer = ConnectRequest::new(
+        let mut outer = ConnectRequest::new(
             identity.clone(),
             double.network_gateway,
             double.gateway_identities.clone(),
             authority.clone(),
         );
+        // Only the outer tunnel opens a socket; the inner one rides inside it.
+        if let Some(ip) = self.hbone_source_addr(peer, double.network_gateway) {
+            outer = outer.with_source_addr(ip);
+        }
         let mut inner = ConnectRequest::new(
             identity,
             double.network_gateway,
