@@ -176,7 +176,12 @@ pub(crate) struct Args {
     /// plaintext client's), so the application sees who called it; the pod's capture rules route the
     /// replies back. Unset: on wherever the pod's inbound listeners can be made transparent (needs
     /// CAP_NET_ADMIN); `true`: required, and a pod where that fails is not served; `false`: off, the
-    /// application sees the pod's own IP. Other modes do not use it yet.
+    /// application sees the pod's own IP. Shared mode without istio-cni (INPOD_ENABLED=false): unless
+    /// `false`, the connections the node proxy opens for a workload (HBONE and plain TCP) leave from that
+    /// workload's own IP, so the destination's IP-based policy (`ipBlocks`) and telemetry see the real
+    /// client; a workload address that is not the node's own needs CAP_NET_ADMIN and the replies routed
+    /// back to the node's stack (TPROXY-style rules), and a connection that cannot be bound fails rather
+    /// than leave from the node's address. Dedicated mode does not use it.
     #[arg(long = "enable-orig-src", env = "ENABLE_ORIG_SRC", value_name = "ENABLE_ORIG_SRC", action = clap::ArgAction::Set)]
     pub enable_original_source: Option<bool>,
     /// Worker threads of the data path runtime: a count (`4`) or a share of the cores (`50%`, rounded up,

@@ -196,6 +196,12 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 return Err("the configuration source stopped before its first configuration".into());
             }
             prefetch_node_certificates(&state, &node, &certs).await;
+            if config.args.enable_original_source == Some(false) {
+                tracing::warn!(
+                    "ENABLE_ORIG_SRC=false: this node's workloads reach their destinations from the node's \
+                     address, so the destinations' ipBlocks rules cannot tell them apart"
+                );
+            }
             tracing::info!(%node, "serving the node's workloads (shared mode)");
             (
                 ServedWorkloads::Node(node),
@@ -269,6 +275,10 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             source,
             local_node: (!config.args.node_name.is_empty()).then(|| config.args.node_name.as_str().into()),
             mark: Some(sys::PROXY_MARK),
+            // A node proxy serving several workloads connects from each one's own address, or the
+            // destinations' IP-based policies would see the node instead (see ENABLE_ORIG_SRC).
+            original_source: config.mode == ProxyMode::Shared
+                && config.args.enable_original_source != Some(false),
             ..OutboundConfig::default()
         },
         state.clone(),

@@ -394,20 +394,7 @@ fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
         wait_ready(&[(&node, SERVER_IP)], logs);
 
         // The client application binds its workload's address, as a pod's socket would have it.
-        let reply = node
-            .run(|| -> Result<String, String> {
-                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                    .map_err(|e| e.to_string())?;
-                let local = SocketAddrV4::new(CLIENT_B_IP.parse().unwrap(), 0);
-                socket.bind(&local.into()).map_err(|e| e.to_string())?;
-                let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
-                socket
-                    .connect_timeout(&server.into(), Duration::from_secs(5))
-                    .map_err(|e| e.to_string())?;
-                line_exchange(socket.into(), "local")
-            })
-            .unwrap()
-            .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        let reply = exchange_from(&node, CLIENT_B_IP, "local").unwrap_or_else(|e| panic!("{e}\n{}", logs()));
         // Not straight from the client's address: the proxy's inbound side connected to the app.
         assert_eq!(reply, format!("echo local from {SERVER_IP}"));
         // The node proxy reported the connection twice, as the source and as the destination, both with
@@ -442,6 +429,144 @@ fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
                 )
             },
             logs,
+        );
+        let logs_before = logs();
+        assert!(proxy.terminate().success(), "{logs_before}");
+        control_plane.stop();
+    });
+}
+
+/// One line from the application at `source` (an address of `node`, which the socket binds as a pod's
+/// socket would have it) to the echo app at [`SERVER_IP`]:[`APP_PORT`]: the reply, or why not.
+fn exchange_from(node: &Netns, source: &str, message: &str) -> Result<String, String> {
+    let local = SocketAddrV4::new(source.parse().unwrap(), 0);
+    let message = message.to_owned();
+    node.run(move || -> Result<String, String> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .map_err(|e| e.to_string())?;
+        socket.bind(&local.into()).map_err(|e| e.to_string())?;
+        let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
+        socket
+            .connect_timeout(&server.into(), Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        line_exchange(socket.into(), &message)
+    })
+    .unwrap()
+}
+
+/// A shared node proxy without istio-cni serves two client workloads. Their HBONE connections leave from
+/// each workload's own address (original source), so the destination's DENY by one client's IP block
+/// refuses that client only (from the node's address it would match neither and fail open), and the
+/// destination's metrics name each source workload by its address.
+#[test]
+fn a_shared_node_proxy_keeps_each_clients_address_for_the_destinations_ip_policy() {
+    isolated(|| {
+        const CLIENT_A_IP: &str = "10.10.0.3";
+        const CLIENT_B_IP: &str = "10.10.0.4";
+        let node = Netns::create("node").expect("network namespaces are required for this test");
+        for ip in [SERVER_IP, CLIENT_A_IP, CLIENT_B_IP] {
+            node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+                .unwrap();
+        }
+        let dir = TempDir::new();
+        dir.write_config(
+            "pods.yaml",
+            &format!(
+                "{}{}{}",
+                pod("client-a", "default", CLIENT_A_IP, "node-a"),
+                pod("client-b", "default", CLIENT_B_IP, "node-a"),
+                pod("server", "default", SERVER_IP, "node-a")
+            ),
+        );
+        dir.write_config(
+            "policy.yaml",
+            &format!(
+                r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-b, namespace: default}}
+spec:
+  action: DENY
+  rules:
+  - from: [{{source: {{ipBlocks: ["{CLIENT_B_IP}/32"]}}}}]
+"#
+            ),
+        );
+        let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
+        let control_plane = ControlPlane::start(
+            &node,
+            dir.path(),
+            StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
+        );
+        let _app = echo_app(&node, SERVER_IP, APP_PORT);
+        node.iptables(&[
+            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
+        ])
+        .unwrap();
+        for client in [CLIENT_A_IP, CLIENT_B_IP] {
+            let port = APP_PORT.to_string();
+            node.iptables(&[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-s",
+                client,
+                "-d",
+                SERVER_IP,
+                "--dport",
+                &port,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ])
+            .unwrap();
+        }
+        let proxy = Ztunnel::start(
+            &node,
+            dir.path(),
+            "node",
+            "node-token",
+            &[
+                ("PROXY_MODE", "shared".to_owned()),
+                ("NODE_NAME", "node-a".to_owned()),
+                ("INPOD_ENABLED", "false".to_owned()),
+            ],
+        );
+        let logs = || proxy.log();
+        wait_ready(&[(&node, SERVER_IP)], logs);
+
+        let allowed = exchange_from(&node, CLIENT_A_IP, "from a");
+        assert!(allowed.is_ok(), "client-a was refused: {allowed:?}\n{}", logs());
+        let denied = exchange_from(&node, CLIENT_B_IP, "from b");
+        assert!(
+            denied.is_err(),
+            "client-b's IP is denied, yet it got through: {denied:?}\n{}",
+            logs()
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the destination's metrics naming each client by its address",
+            || {
+                let body = metrics(&node, SERVER_IP);
+                has_metric(
+                    &body,
+                    "istio_tcp_connections_opened_total",
+                    &[("reporter", "destination"), ("source_workload", "client-a")],
+                ) && has_metric(
+                    &body,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_workload", "client-b"),
+                        ("response_flags", "DENY"),
+                    ],
+                )
+            },
+            || format!("{}\n{}", metrics(&node, SERVER_IP), logs()),
         );
         let logs_before = logs();
         assert!(proxy.terminate().success(), "{logs_before}");
