@@ -132,10 +132,33 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         tokio::spawn(zds.run(drain.clone()));
         // Pods fetch their certificates as they arrive.
         certs_ready.done();
-        tokio::spawn(async move {
-            if status.wait_for(|status| status.ready()).await.is_ok() {
-                tracing::info!("in-pod: istio-cni's snapshot of the node's pods is served");
-                listeners_ready.done();
+        // Ready while connected to istio-cni with its snapshot served and no pod failing to start, as
+        // Istio's ztunnel: not ready again when istio-cni goes away (it replays its snapshot when back).
+        tokio::spawn({
+            let readiness = readiness.clone();
+            async move {
+                let mut blocked = Some(listeners_ready);
+                loop {
+                    let ready = status.borrow_and_update().ready();
+                    blocked = match (ready, blocked) {
+                        (true, Some(token)) => {
+                            tracing::info!("in-pod: istio-cni's snapshot of the node's pods is served");
+                            token.done();
+                            None
+                        }
+                        (false, None) => {
+                            tracing::warn!(
+                                "in-pod: not ready: istio-cni is not connected, its snapshot is not complete, \
+                                 or a pod failed to start"
+                            );
+                            Some(readiness.register("listeners"))
+                        }
+                        (_, unchanged) => unchanged,
+                    };
+                    if status.changed().await.is_err() {
+                        return;
+                    }
+                }
             }
         });
         tracing::info!(socket = %config.args.inpod_uds.display(), "ztunnel in in-pod mode: waiting for pods from istio-cni");

@@ -487,6 +487,56 @@ fn ztunnel_is_ready_only_once_istio_cni_has_sent_its_snapshot() {
     });
 }
 
+/// istio-cni restarting: while its connection is gone ztunnel reports not ready (its pods keep being
+/// served), and once istio-cni is back and has replayed its snapshot, ready again, as Istio's ztunnel.
+#[test]
+fn ztunnel_is_not_ready_while_istio_cni_is_away() {
+    isolated(|| {
+        let mut cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+        cluster.enroll_all();
+        let NodeProxy {
+            proxy,
+            cni,
+            _listener: listener,
+        } = cluster.proxies.remove(0);
+        drop(cni);
+        let node = &cluster.nodes[0];
+        eventually(
+            Duration::from_secs(10),
+            "ztunnel to report not ready without istio-cni",
+            || readiness(node) == Some((503, "not ready, pending: listeners".to_owned())),
+            || format!("{:?}\n{}", readiness(node), proxy.log()),
+        );
+        // The pods already handed over keep their listeners meanwhile.
+        assert!(
+            cluster.round_trip("client", "server", "meanwhile").is_ok(),
+            "{}",
+            proxy.log()
+        );
+
+        // istio-cni is back: ztunnel reconnects, istio-cni replays its pods and the snapshot.
+        let cni = listener
+            .accept()
+            .unwrap_or_else(|e| panic!("ztunnel did not reconnect to istio-cni: {e}\n{}", proxy.log()));
+        cluster.proxies.push(NodeProxy {
+            proxy,
+            cni,
+            _listener: listener,
+        });
+        assert_eq!(
+            readiness(node),
+            Some((503, "not ready, pending: listeners".to_owned()))
+        );
+        cluster.enroll_all();
+        assert!(
+            cluster.round_trip("client", "server", "again").is_ok(),
+            "{}",
+            cluster.logs()
+        );
+        cluster.shut_down();
+    });
+}
+
 /// The index of interface `name` in `ns`.
 fn ifindex(ns: &mesh_test::netns::Netns, name: &str) -> u32 {
     let output = ns.ip(&["-o", "link", "show", name]).unwrap();
