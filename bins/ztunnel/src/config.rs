@@ -18,9 +18,19 @@ pub(crate) struct Args {
     #[arg(hide = true, num_args = 0..)]
     pub command: Vec<String>,
     /// The xDS server (istiod) as `https://host:port`; an empty value disables xDS (then LOCAL_XDS_PATH or
-    /// LOCAL_XDS must give the configuration).
+    /// LOCAL_XDS must give the configuration). Default, as Istio's ztunnel, when no local configuration is
+    /// given: `https://istiod.istio-system.svc:15012` in a Kubernetes pod (KUBERNETES_SERVICE_HOST set),
+    /// else `https://localhost:15012`.
     #[arg(long, env = "XDS_ADDRESS", value_name = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
+    /// Set by Kubernetes in every pod; only its presence is read (it picks the default istiod address).
+    #[arg(
+        long,
+        env = "KUBERNETES_SERVICE_HOST",
+        value_name = "KUBERNETES_SERVICE_HOST",
+        hide = true
+    )]
+    pub kubernetes_service_host: Option<String>,
     /// The Istio CA as `https://host:port` (default: the xDS address).
     #[arg(long, env = "CA_ADDRESS", value_name = "CA_ADDRESS")]
     pub ca_address: Option<String>,
@@ -128,7 +138,8 @@ pub(crate) struct Args {
     /// Lifetime asked for workload certificates (renewed at half life).
     #[arg(long, env = "SECRET_TTL", value_name = "SECRET_TTL", default_value = "24h", value_parser = parse_duration)]
     pub secret_ttl: Duration,
-    /// Serve SOCKS5 on 127.0.0.1:15080.
+    /// Serve SOCKS5 on 127.0.0.1:15080 (dedicated mode, and shared mode without istio-cni; in-pod mode
+    /// serves none and says so).
     #[arg(long, env = "UNSTABLE_ENABLE_SOCKS5", value_name = "UNSTABLE_ENABLE_SOCKS5", default_value_t = false, action = clap::ArgAction::Set)]
     pub enable_socks5: bool,
     /// Listen on `[::]` rather than `0.0.0.0`.
@@ -363,10 +374,17 @@ impl Config {
                 ));
             }
         };
-        let xds = args
-            .xds_address
-            .clone()
-            .filter(|address| !address.trim().is_empty());
+        let xds = match &args.xds_address {
+            Some(address) => Some(address.clone()).filter(|address| !address.trim().is_empty()),
+            None if args.local_xds_path.is_none() && args.local_xds.is_none() => {
+                let in_cluster = args
+                    .kubernetes_service_host
+                    .as_deref()
+                    .is_some_and(|host| !host.is_empty());
+                Some(default_istiod(in_cluster).to_owned())
+            }
+            None => None,
+        };
         let source = match (&xds, &args.local_xds_path, &args.local_xds) {
             (_, Some(_), Some(_)) => {
                 return Err(invalid(
@@ -451,6 +469,15 @@ impl Config {
             workers,
             drain_deadline,
         })
+    }
+}
+
+/// Istio ztunnel's istiod address when XDS_ADDRESS is not set: the in-cluster service, or a local one.
+fn default_istiod(in_cluster: bool) -> &'static str {
+    if in_cluster {
+        "https://istiod.istio-system.svc:15012"
+    } else {
+        "https://localhost:15012"
     }
 }
 
@@ -735,6 +762,34 @@ mod tests {
             Config::from_args(args(&["--cluster-id", "west", "--istio-meta-cluster-id", "east"]).unwrap())
                 .unwrap();
         assert_eq!(explicit.args.cluster_id, "west");
+    }
+
+    #[test_case("10.96.0.1" => "https://istiod.istio-system.svc:15012" ; "in a kubernetes pod")]
+    #[test_case("" => "https://localhost:15012" ; "elsewhere")]
+    fn xds_defaults_to_istiod_as_istio(kubernetes_service_host: &str) -> String {
+        let args = Args::try_parse_from([
+            "ztunnel",
+            "--node-name",
+            "node-a",
+            "--kubernetes-service-host",
+            kubernetes_service_host,
+        ])
+        .unwrap();
+        let config = Config::from_args(args).unwrap();
+        // The CA defaults to the same address.
+        assert_eq!(
+            config.certs,
+            CertSource::IstioCa {
+                address: match &config.source {
+                    ConfigSource::Xds { address } => address.clone(),
+                    other => panic!("{other:?}"),
+                }
+            }
+        );
+        match config.source {
+            ConfigSource::Xds { address } => address,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             original_source: config.args.enable_original_source,
         };
         mesh_proxy::inpod::verify_capabilities(Some(sys::PROXY_MARK))?;
+        if config.args.enable_socks5 {
+            tracing::warn!("UNSTABLE_ENABLE_SOCKS5 is ignored in in-pod mode: no SOCKS5 listener is served");
+        }
         let (zds, pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;
         let mut status = zds.status();
         tokio::spawn(zds.run(drain.clone()));
