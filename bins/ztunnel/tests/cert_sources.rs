@@ -232,3 +232,92 @@ fn json_logs_are_one_object_per_line() {
         );
     });
 }
+
+/// One HTTP/1.1 request with an empty body, the whole response back (bounded by timeouts).
+fn request(method: &str, addr: &str, path: &str) -> Option<String> {
+    let addr: SocketAddr = addr.parse().ok()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// Plaintext on the HBONE port: the proxy refuses it, and says so only at DEBUG.
+fn plaintext_probe() {
+    if let Ok(mut stream) =
+        TcpStream::connect_timeout(&"127.0.0.1:15008".parse().unwrap(), Duration::from_secs(2))
+    {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+}
+
+/// The running binary's log filter changes through the admin endpoint (`/logging`), as Istio's ztunnel
+/// allows: events below the level stay out of the log until it is lowered, and `reset` restores it.
+#[test]
+fn the_log_level_changes_at_run_time_through_the_admin_endpoint() {
+    isolated(|| {
+        let node = Netns::create("loglevel").expect("network namespaces are required for this test");
+        let dir = Dir::new("loglevel");
+        let ca = ca();
+        std::fs::write(dir.0.join("root-cert.pem"), ca.root_pem()).unwrap();
+        std::fs::write(dir.0.join("ca-key.pem"), ca.root_key_pem()).unwrap();
+        let log = dir.0.join("ztunnel.log");
+        let proxy = start(&node, &log, &[("DEV_CA_DIR", &dir.0)]);
+        config_dump(&node, &proxy);
+        let admin = |method: &'static str, path: &'static str| {
+            node.run(move || request(method, "127.0.0.1:15000", path))
+                .unwrap()
+                .unwrap_or_default()
+        };
+        let debug_lines = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| line.contains(" DEBUG "))
+                .count()
+        };
+
+        assert!(
+            admin("GET", "/logging").contains("info"),
+            "{}",
+            admin("GET", "/logging")
+        );
+        node.run(plaintext_probe).unwrap();
+        assert_eq!(debug_lines(), 0, "DEBUG lines at level info");
+
+        let set = admin("POST", "/logging?level=debug");
+        assert!(set.starts_with("HTTP/1.1 200"), "{set}");
+        assert!(
+            admin("GET", "/logging").contains("debug"),
+            "{}",
+            admin("GET", "/logging")
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while debug_lines() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "no DEBUG line after the level was lowered:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            node.run(plaintext_probe).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+
+        let reset = admin("POST", "/logging?reset");
+        assert!(reset.starts_with("HTTP/1.1 200"), "{reset}");
+        assert!(
+            admin("GET", "/logging").contains("info"),
+            "{}",
+            admin("GET", "/logging")
+        );
+        drop(proxy);
+    });
+}

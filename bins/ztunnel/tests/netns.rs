@@ -122,6 +122,19 @@ fn two_nodes_talk_through_hbone_with_policy_from_the_control_plane() {
             },
             logs,
         );
+        // The destination's access log names the identity the client proved, on the connection's line.
+        eventually(
+            Duration::from_secs(10),
+            "the destination's access log line with the client's identity",
+            || {
+                server_proxy.log().lines().any(|line| {
+                    line.contains(" access: ")
+                        && line.contains(r#"src.identity="spiffe://cluster.local/ns/default/sa/client""#)
+                        && line.contains(r#"dst.workload="server""#)
+                })
+            },
+            logs,
+        );
         let (_, client_metrics) = http_get(&client, &format!("{CLIENT_IP}:15020"), "/metrics").unwrap();
         assert!(
             client_metrics
