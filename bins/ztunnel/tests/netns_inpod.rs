@@ -9,7 +9,8 @@
 //! application must see its real client's address (original source, through 15008 and 15006) unless
 //! `ENABLE_ORIG_SRC=false`, and a pod's connection to a server outside the mesh must leave from the pod.
 //! A pod handed over before its workload is pushed has its connections closed after a bounded wait,
-//! never held, and is served once the workload arrives.
+//! never held, and is served once the workload arrives. A DENY closes a denied client's live
+//! connection; STRICT refuses plaintext into a pod; SIGTERM drains; readiness follows istio-cni.
 //!
 //! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`: new user, network, mount and PID
 //! namespaces), so it needs no root; it needs util-linux, iproute2 and iptables (CI installs them), and
@@ -645,6 +646,47 @@ fn the_app_sees_the_outside_clients_address_through_15006() {
                 )
             },
             || format!("{}\n{}", cluster.metrics(0), cluster.logs()),
+        );
+        cluster.shut_down();
+    });
+}
+
+/// A STRICT PeerAuthentication, pushed while everything runs: plaintext from outside the mesh into a
+/// pod (captured into its 15006) is refused, while mesh traffic between pods keeps flowing.
+#[test]
+fn strict_mtls_refuses_plaintext_into_a_pod_while_mesh_traffic_flows() {
+    isolated(|| {
+        let cluster = Cluster::start(&[("node-a", &["client", "server"])]);
+        cluster.enroll_all();
+        let outside = &cluster.network.netns;
+        let server = cluster.pod("server").addr(APP_PORT);
+        assert!(
+            round_trip_to(outside, &server, "before").is_ok(),
+            "{}",
+            cluster.logs()
+        );
+        cluster.dir.write_config(
+            "strict.yaml",
+            r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec:
+  mtls: {mode: STRICT}
+"#,
+        );
+        eventually(
+            Duration::from_secs(20),
+            "STRICT to refuse plaintext from outside the mesh",
+            || round_trip_to(outside, &server, "plain").is_err(),
+            || cluster.logs(),
+        );
+        let reply = cluster.round_trip("client", "server", "mesh");
+        assert_eq!(
+            reply,
+            Ok(format!("echo mesh from {}", cluster.pod("client").ip)),
+            "{}",
+            cluster.logs()
         );
         cluster.shut_down();
     });
