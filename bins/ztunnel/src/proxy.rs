@@ -130,7 +130,8 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         if config.args.enable_socks5 {
             tracing::warn!("UNSTABLE_ENABLE_SOCKS5 is ignored in in-pod mode: no SOCKS5 listener is served");
         }
-        let (zds, pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)?;
+        let (zds, pods) = crate::inpod::start(config.args.inpod_uds.clone(), context)
+            .map_err(|e| format!("INPOD_UDS={}: {e}", config.args.inpod_uds.display()))?;
         let mut status = zds.status();
         tokio::spawn(zds.run(drain.clone()));
         // Pods fetch their certificates as they arrive.
@@ -459,8 +460,9 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, BoxError> {
 async fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxError> {
     match &config.certs {
         CertSource::Files(dir) => {
-            let provider =
-                FileCertProvider::start([CertFiles::in_dir(dir)], DEFAULT_FILE_POLL_INTERVAL).await?;
+            let provider = FileCertProvider::start([CertFiles::in_dir(dir)], DEFAULT_FILE_POLL_INTERVAL)
+                .await
+                .map_err(|e| format!("CERT_DIR={}: {e}", dir.display()))?;
             Ok(Arc::new(provider))
         }
         CertSource::DevCa(dir) => {
@@ -473,7 +475,8 @@ async fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxErro
                 &read("ca-key.pem")?,
                 config.trust_domain.clone(),
                 config.args.secret_ttl,
-            )?;
+            )
+            .map_err(|e| format!("DEV_CA_DIR={}: {e}", dir.display()))?;
             tracing::warn!(dir = %dir.display(), "signing workload certificates with a development CA");
             Ok(Arc::new(CachingCertProvider::new(
                 Arc::new(ca),
@@ -484,7 +487,11 @@ async fn cert_provider(config: &Config) -> Result<Arc<dyn CertProvider>, BoxErro
             )))
         }
         CertSource::Spiffe { endpoint } => {
-            let provider = WorkloadApiCertProvider::new(WorkloadApiConfig::from_endpoint(endpoint)?)?;
+            let named = |e: &dyn std::fmt::Display| format!("SPIFFE_ENDPOINT_SOCKET={endpoint}: {e}");
+            let provider = WorkloadApiCertProvider::new(
+                WorkloadApiConfig::from_endpoint(endpoint).map_err(|e| named(&e))?,
+            )
+            .map_err(|e| named(&e))?;
             Ok(Arc::new(provider))
         }
         CertSource::IstioCa { address } => {
