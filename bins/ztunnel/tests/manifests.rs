@@ -303,9 +303,19 @@ fn ztunnel_drains_before_kubernetes_kills_it() {
     let grace: u64 = literal("TERMINATION_GRACE_PERIOD_SECONDS").parse().unwrap();
     // As Istio's chart: the grace period itself is passed, and ztunnel keeps 5 s of it (over 10 s) to close
     // what is left; its drain, plus the second it allows for closing, ends before the SIGKILL.
-    assert_eq!(grace, kill, "TERMINATION_GRACE_PERIOD_SECONDS is the pod's terminationGracePeriodSeconds");
-    let drain = if grace > 10 { grace - 5 } else { grace.saturating_sub(1).max(1) };
-    assert!(drain + 1 < kill, "drain {drain}s must end before SIGKILL at {kill}s");
+    assert_eq!(
+        grace, kill,
+        "TERMINATION_GRACE_PERIOD_SECONDS is the pod's terminationGracePeriodSeconds"
+    );
+    let drain = if grace > 10 {
+        grace - 5
+    } else {
+        grace.saturating_sub(1).max(1)
+    };
+    assert!(
+        drain + 1 < kill,
+        "drain {drain}s must end before SIGKILL at {kill}s"
+    );
 }
 
 #[test]
