@@ -42,6 +42,24 @@ where
     }
 }
 
+/// Binds a listener for captured traffic (15001, 15006) on `addr`, as Istio's ztunnel does: with
+/// `IP_TRANSPARENT` where the process may set it (`CAP_NET_ADMIN`), so that `iptables TPROXY` can hand it
+/// connections addressed to hosts this one is not, else plain (`REDIRECT` needs nothing more). Returns
+/// the listener and whether it is transparent. The backlog is 1,024 connections.
+pub fn bind_capture_listener(addr: SocketAddr) -> std::io::Result<(TcpListener, bool)> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    let transparent = mesh_core::sys::set_transparent(&socket).is_ok();
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok((TcpListener::from_std(socket.into())?, transparent))
+}
+
 /// Limits of one [`serve_tcp`] loop.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {

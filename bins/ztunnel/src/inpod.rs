@@ -29,7 +29,7 @@ use mesh_proxy::inpod::{
     InPodNetns, ListenerPodManager, PodListenerConfig, PodStart, WorkloadInfo, ZdsClient, ZdsConfig,
 };
 use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
-use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
+use mesh_proxy::outbound::{CaptureMode, Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::Observers;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -262,6 +262,7 @@ async fn build_pipelines(
             local_node: context.local_node.clone(),
             in_pod: true,
             mark: Some(sys::PROXY_MARK),
+            capture: CaptureMode::Auto,
             ..OutboundConfig::default()
         },
         context.state.clone(),

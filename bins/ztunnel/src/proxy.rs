@@ -24,7 +24,7 @@ use mesh_proxy::conntrack::ConnectionTracker;
 use mesh_proxy::inbound::{Inbound, InboundConfig, PlaintextConnection, ServedWorkloads};
 use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
 use mesh_proxy::metrics::{Metrics, TrackedCertProvider};
-use mesh_proxy::outbound::{Outbound, OutboundConfig, SourceLookup};
+use mesh_proxy::outbound::{CaptureMode, Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::socks5::{Socks5, Socks5Config};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::{ConnectionObserver, Observers};
@@ -274,7 +274,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         drain_deadline: config.drain_deadline,
         ..ListenerConfig::default()
     };
-    let plaintext_listener = bind(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT)).await?;
+    let plaintext_listener = bind_capture(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))?;
     spawn_serve(
         plaintext_listener,
         move |stream: TcpStream, peer: SocketAddr| {
@@ -302,6 +302,8 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             source,
             local_node: (!config.args.node_name.is_empty()).then(|| config.args.node_name.as_str().into()),
             mark: Some(sys::PROXY_MARK),
+            // REDIRECT or TPROXY, whichever the node's capture rules use.
+            capture: CaptureMode::Auto,
             // A node proxy serving several workloads connects from each one's own address, or the
             // destinations' IP-based policies would see the node instead (see ENABLE_ORIG_SRC).
             original_source: config.mode == ProxyMode::Shared
@@ -329,7 +331,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             drain.clone(),
         );
     }
-    let outbound_listener = bind(SocketAddr::new(any, OUTBOUND_PORT)).await?;
+    let outbound_listener = bind_capture(SocketAddr::new(any, OUTBOUND_PORT))?;
     spawn_serve(outbound_listener, outbound, &listener_config, drain.clone());
     listeners_ready.done();
     tracing::info!(
@@ -447,6 +449,15 @@ fn register_xds_metrics(metrics: &Metrics, ads: AdsHandle) -> Result<(), BoxErro
         move || status.borrow().nacks as f64,
     )?;
     Ok(())
+}
+
+/// Binds a port for captured traffic, transparent where the process may make it so (TPROXY capture
+/// needs that; REDIRECT does not), saying which port could not be had.
+fn bind_capture(addr: SocketAddr) -> Result<TcpListener, BoxError> {
+    let (listener, transparent) = mesh_proxy::listener::bind_capture_listener(addr)
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    tracing::debug!(%addr, transparent, "capture listener bound");
+    Ok(listener)
 }
 
 /// Binds a listener, saying which port could not be had.

@@ -15,8 +15,9 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{
-    APP_PORT, ControlPlane, OpenConnection, Options, SERVER_IP, TempDir, TwoNodes, Ztunnel, echo_app,
-    eventually, has_metric, line_exchange, metrics, pod, round_trip, round_trip_to, serve, wait_ready,
+    APP_PORT, CLIENT_IP, ControlPlane, OpenConnection, Options, SERVER_IP, TempDir, TwoNodes, Ztunnel,
+    echo_app, eventually, has_metric, line_exchange, metrics, pod, round_trip, round_trip_to, serve,
+    wait_ready,
 };
 use mesh_core::SpiffeId;
 use mesh_test::netns::{Netns, isolated};
@@ -570,6 +571,156 @@ spec:
         );
         let logs_before = logs();
         assert!(proxy.terminate().success(), "{logs_before}");
+        control_plane.stop();
+    });
+}
+
+/// A shared node proxy without istio-cni, with its pod in a network namespace of its own behind the
+/// node and captured the TPROXY way (no NAT: the node's mangle rule hands the pod's connection, addressed
+/// to the server, straight to the transparent 15001). The proxy reads the original destination from the
+/// socket, and its HBONE connection leaves from the pod's own address (original source: an address the
+/// node does not own, bound with IP_TRANSPARENT), with the replies brought back to it by the node's rules
+/// for the proxy's transparent sockets, as a deployment of this mode must set them up (deploy/README.md).
+/// The destination sees the pod's address, so it names the pod as the source workload.
+#[test]
+fn a_shared_node_proxy_serves_a_pod_behind_the_node_captured_by_tproxy() {
+    isolated(|| {
+        const POD_IP: &str = "10.20.0.2";
+        const NODE_POD_SIDE: &str = "10.20.0.1";
+        let pod_ns = Netns::create("pod").expect("network namespaces are required for this test");
+        let node = Netns::create("node").unwrap();
+        let server = Netns::create("server").unwrap();
+        common::link(
+            &pod_ns,
+            &format!("{POD_IP}/24"),
+            &node,
+            &format!("{NODE_POD_SIDE}/24"),
+        );
+        common::link(
+            &node,
+            &format!("{CLIENT_IP}/24"),
+            &server,
+            &format!("{SERVER_IP}/24"),
+        );
+        pod_ns
+            .ip(&["route", "add", "default", "via", NODE_POD_SIDE])
+            .unwrap();
+        server
+            .ip(&["route", "add", "10.20.0.0/24", "via", CLIENT_IP])
+            .unwrap();
+        node.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+            .unwrap()
+            .unwrap();
+        // The node's rules: packets for the proxy's transparent sockets (its TPROXY'd connections and its
+        // connections bound to a pod's address) are delivered locally; the pod's new connections to the
+        // app port go to 15001 untouched. Istio's mark 0x111/0xfff, clear of the proxy's own 0x539.
+        for rule in [
+            vec![
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-m",
+                "socket",
+                "--transparent",
+                "-j",
+                "MARK",
+                "--set-xmark",
+                "0x111/0xfff",
+            ],
+            vec![
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-s",
+                "10.20.0.0/24",
+                "-p",
+                "tcp",
+                "--dport",
+                "8000:8999",
+                "-j",
+                "TPROXY",
+                "--on-port",
+                "15001",
+                "--tproxy-mark",
+                "0x111/0xfff",
+            ],
+        ] {
+            node.iptables(&rule)
+                .expect("iptables with the socket match and the TPROXY target is required for this test");
+        }
+        node.ip(&["rule", "add", "fwmark", "0x111/0xfff", "lookup", "100"])
+            .unwrap();
+        node.ip(&["route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", "100"])
+            .unwrap();
+
+        let dir = TempDir::new();
+        dir.write_config(
+            "pods.yaml",
+            &format!(
+                "{}{}",
+                pod("client", "default", POD_IP, "client-node"),
+                pod("server", "default", SERVER_IP, "server-node")
+            ),
+        );
+        let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
+        let server_id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/server").unwrap();
+        let control_plane = ControlPlane::start(
+            &server,
+            dir.path(),
+            StaticTokens::new()
+                .with("node-token", Caller::new(ztunnel_id).on_node("client-node"))
+                .with("server-token", Caller::new(server_id)),
+        );
+        let _app = echo_app(&server, SERVER_IP, APP_PORT);
+        let node_proxy = Ztunnel::start(
+            &node,
+            dir.path(),
+            "node",
+            "node-token",
+            &[
+                ("PROXY_MODE", "shared".to_owned()),
+                ("NODE_NAME", "client-node".to_owned()),
+                ("INPOD_ENABLED", "false".to_owned()),
+            ],
+        );
+        let server_proxy = Ztunnel::dedicated(&server, dir.path(), "server", "server-token");
+        let logs = || {
+            format!(
+                "--- node ztunnel ---\n{}\n--- server ztunnel ---\n{}",
+                node_proxy.log(),
+                server_proxy.log()
+            )
+        };
+        wait_ready(&[(&node, CLIENT_IP), (&server, SERVER_IP)], logs);
+
+        let reply = round_trip_to(&pod_ns, &format!("{SERVER_IP}:{APP_PORT}"), "tproxy")
+            .unwrap_or_else(|e| panic!("round trip from the pod failed: {e}\n{}", logs()));
+        // The server's proxy connected to the app (dedicated mode keeps its own address).
+        assert_eq!(reply, format!("echo tproxy from {SERVER_IP}"));
+        eventually(
+            Duration::from_secs(10),
+            "the destination naming the pod, by its address, as the source workload over mTLS",
+            || {
+                has_metric(
+                    &metrics(&server, SERVER_IP),
+                    "istio_tcp_connections_opened_total",
+                    &[
+                        ("reporter", "destination"),
+                        ("source_workload", "client"),
+                        ("source_principal", CLIENT_PRINCIPAL),
+                        ("connection_security_policy", "mutual_tls"),
+                    ],
+                )
+            },
+            || format!("{}\n{}", metrics(&server, SERVER_IP), logs()),
+        );
+        let logs_before = logs();
+        assert!(node_proxy.terminate().success(), "{logs_before}");
+        assert!(server_proxy.terminate().success(), "{logs_before}");
         control_plane.stop();
     });
 }

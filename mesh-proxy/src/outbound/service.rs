@@ -54,6 +54,11 @@ pub enum CaptureMode {
     /// directly looks the same, destinations on the proxy's own ports (15001, 15006, 15008, 15080) are
     /// refused, so such a connection cannot loop; a listener on another port has no such guard.
     Tproxy,
+    /// Either, as Istio's ztunnel reads it: `SO_ORIGINAL_DST` (a `REDIRECT`ed connection, or a tracked
+    /// `TPROXY` one, which answers with the local address), else the local address. Destinations on the
+    /// proxy's own ports are refused as with [`CaptureMode::Tproxy`]; a listener on another port has no
+    /// guard against a client connecting to it directly.
+    Auto,
 }
 
 /// Whether a connection to a destination outside the mesh may be passed through as plain TCP.
@@ -483,6 +488,18 @@ impl Outbound {
             CaptureMode::Tproxy => {
                 let original =
                     sys::tproxy_original_destination(stream).map_err(ProxyError::OriginalDestination)?;
+                if mesh_hbone::PROXY_PORTS.contains(&original.port()) {
+                    return Err(ProxyError::SelfCall { addr: original });
+                }
+                Ok(original)
+            }
+            CaptureMode::Auto => {
+                let original = match sys::original_destination(stream) {
+                    Ok(original) => original,
+                    Err(_) => {
+                        sys::tproxy_original_destination(stream).map_err(ProxyError::OriginalDestination)?
+                    }
+                };
                 if mesh_hbone::PROXY_PORTS.contains(&original.port()) {
                     return Err(ProxyError::SelfCall { addr: original });
                 }
