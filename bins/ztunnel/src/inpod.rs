@@ -90,8 +90,8 @@ struct PodPipelines {
     plaintext: InboundPlaintext,
 }
 
-/// Where a pod's connections find its pipelines: `None` until they are built. The sender goes away
-/// only when the pod stops being served.
+/// Where a pod's connections find its pipelines: `None` until they are built. The sender goes away as
+/// soon as that is settled, so a closed channel still holding `None` means the pod went first.
 type PodReady = watch::Receiver<Option<Arc<PodPipelines>>>;
 
 /// The pod's pipelines, waiting up to [`POD_READY_WAIT`] for them; `None` if they did not come in time.
@@ -223,8 +223,10 @@ async fn serve_pod(
             return Err(error);
         }
     }
-    while accept_loops.join_next().await.is_some() {}
+    // Connections waiting for the pipelines learn the outcome now: they get them, or (the pod went first)
+    // are closed at once instead of sitting out their wait. Later ones still see the pipelines sent.
     drop(ready_sender);
+    while accept_loops.join_next().await.is_some() {}
     Ok(())
 }
 

@@ -54,7 +54,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
     let (drain_trigger, drain) = drain::channel();
     let (quit_tx, quit_rx) = watch::channel(false);
     let readiness = Readiness::new();
-    let certs_ready = readiness.register("workload certificates");
+    let mut certs_ready = Some(readiness.register("workload certificates"));
     let config_ready = readiness.register("configuration (first xDS push or local file)");
     // In in-pod mode: every pod of istio-cni's snapshot served.
     let listeners_ready = readiness.register("listeners");
@@ -135,7 +135,9 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         let mut status = zds.status();
         tokio::spawn(zds.run(drain.clone()));
         // Pods fetch their certificates as they arrive.
-        certs_ready.done();
+        if let Some(token) = certs_ready.take() {
+            token.done();
+        }
         // Ready while connected to istio-cni with its snapshot served and no pod failing to start, as
         // Istio's ztunnel: not ready again when istio-cni goes away (it replays its snapshot when back).
         tokio::spawn({
@@ -218,11 +220,18 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
                 certs.clone(),
                 vec![config.trust_domain.clone()],
             );
-            // The node's workloads are known only once the first configuration is in.
-            if configured.wait_for(|configured| *configured).await.is_err() {
-                return Err("the configuration source stopped before its first configuration".into());
+            // Ready once the node's workloads' certificates are in hand, as Istio's ztunnel prefetches
+            // them. The workloads are known only once the first configuration is in; the listeners do
+            // not wait for either (a connection that comes first fetches its own certificate).
+            if let Some(token) = certs_ready.take() {
+                let (state, node, certs) = (state.clone(), node.clone(), certs.clone());
+                tokio::spawn(async move {
+                    if configured.wait_for(|configured| *configured).await.is_ok() {
+                        prefetch_node_certificates(&state, &node, &certs).await;
+                        token.done();
+                    }
+                });
             }
-            prefetch_node_certificates(&state, &node, &certs).await;
             if config.args.enable_original_source == Some(false) {
                 tracing::warn!(
                     "ENABLE_ORIG_SRC=false: this node's workloads reach their destinations from the node's \
@@ -239,7 +248,9 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             )
         }
     };
-    certs_ready.done();
+    if let Some(token) = certs_ready.take() {
+        token.done();
+    }
 
     // Marked, so that the capture rules leave the proxy's own connections alone.
     let connector =
@@ -362,13 +373,15 @@ async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<
         .filter(|w| &*w.node == node)
         .filter_map(|w| w.identity().ok())
         .collect();
-    for identity in identities {
+    // All at once, each bounded: a slow CA costs readiness one timeout, not one per identity.
+    futures_util::future::join_all(identities.into_iter().map(|identity| async move {
         match tokio::time::timeout(Duration::from_secs(10), certs.certificate(&identity)).await {
             Ok(Ok(_watch)) => tracing::debug!(%identity, "certificate prefetched"),
             Ok(Err(error)) => tracing::warn!(%identity, %error, "certificate prefetch failed"),
             Err(_) => tracing::warn!(%identity, "certificate prefetch timed out"),
         }
-    }
+    }))
+    .await;
 }
 
 /// Waits for SIGTERM, Ctrl-C or `/quitquitquit`, then drains: listeners stop accepting at once, open
