@@ -506,16 +506,20 @@ fn worker_threads(setting: Option<&str>, cores: usize) -> Result<usize, ConfigEr
     };
     let workers = match setting.strip_suffix('%') {
         Some(percent) => {
-            let percent: u32 = percent.trim().parse().map_err(|_| {
-                invalid(
+            let percent: f64 = percent
+                .trim()
+                .parse()
+                .map_err(|_| invalid(VARIABLE, format!("{setting:?} is not a percentage like 50%")))?;
+            if !(percent > 0.0 && percent <= 100.0) {
+                return Err(invalid(
                     VARIABLE,
-                    format!("{setting:?} is not a whole percentage like 50%"),
-                )
-            })?;
-            if percent == 0 || percent > 100 {
-                return Err(invalid(VARIABLE, format!("{setting:?}: a share from 1% to 100%")));
+                    format!("{setting:?}: a share above 0% and up to 100%"),
+                ));
             }
-            (cores * percent as usize).div_ceil(100).max(1)
+            // Rounded up, as Istio's ztunnel does: the fewest threads that make up the share.
+            let as_f64 = |n: usize| f64::from(u32::try_from(n).unwrap_or(u32::MAX));
+            let wanted = as_f64(cores) * percent / 100.0;
+            (1..=cores).find(|n| as_f64(*n) >= wanted).unwrap_or(cores).max(1)
         }
         None => setting.parse::<usize>().map_err(|_| {
             invalid(
@@ -644,6 +648,8 @@ mod tests {
     #[test_case(&["--cpu-limit", "3", "--worker-threads", "10%"] => 1 ; "a small share is one thread")]
     #[test_case(&["--cpu-limit", "3", "--worker-threads", "34%"] => 2 ; "a share rounded up")]
     #[test_case(&["--cpu-limit", "2", "--worker-threads", "6"] => 6 ; "a count is taken as it is")]
+    #[test_case(&["--cpu-limit", "8", "--worker-threads", "12.5%"] => 1 ; "a fractional share")]
+    #[test_case(&["--cpu-limit", "8", "--worker-threads", "12.6%"] => 2 ; "a fractional share rounded up")]
     fn workers_follow_istios_settings(extra: &[&str]) -> usize {
         Config::from_args(args(extra).unwrap()).unwrap().workers
     }
@@ -729,7 +735,7 @@ mod tests {
     #[test_case(&["--worker-threads", "0%"], "ZTUNNEL_WORKER_THREADS" ; "zero percent")]
     #[test_case(&["--worker-threads", "101%"], "ZTUNNEL_WORKER_THREADS" ; "over a hundred percent")]
     #[test_case(&["--worker-threads", "half"], "ZTUNNEL_WORKER_THREADS" ; "not a number")]
-    #[test_case(&["--worker-threads", "2.5%"], "ZTUNNEL_WORKER_THREADS" ; "fractional percent")]
+    #[test_case(&["--worker-threads", "NaN%"], "ZTUNNEL_WORKER_THREADS" ; "not a number percent")]
     #[test_case(&["--worker-threads", "5000"], "ZTUNNEL_WORKER_THREADS" ; "absurd count")]
     #[test_case(&["--cpu-limit", "0"], "ZTUNNEL_CPU_LIMIT" ; "zero cores")]
     fn refusals_name_the_variable(extra: &[&str], variable: &str) {
