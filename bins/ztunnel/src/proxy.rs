@@ -10,7 +10,7 @@ use std::time::Duration;
 use mesh_core::cert::{CachingCertConfig, CertFiles, DEFAULT_FILE_POLL_INTERVAL, FileCertProvider};
 use mesh_core::drain::{self, DrainWatch};
 use mesh_core::model::{MeshSnapshot, SnapshotPublisher, Workload};
-use mesh_core::{CachingCertProvider, CertProvider, DevCa, sys, tls};
+use mesh_core::{CachingCertProvider, CertProvider, DevCa, SpiffeId, sys, tls};
 use mesh_hbone::{
     HboneAcceptor, HboneConfig, HboneConnector, MarkedSockets, ServerConfigSelector, WorkloadConfigSelector,
 };
@@ -90,7 +90,17 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
 
     let dump = StateDump::new(state.clone())
         .with_version(env!("CARGO_PKG_VERSION"))
-        .with_certificates(move || tracked_certs.held());
+        .with_certificates({
+            let tracked = tracked_certs.clone();
+            move || tracked.held()
+        });
+    if config.mode == ProxyMode::Shared {
+        tokio::spawn(forget_departed_certificates(
+            tracked_certs,
+            state.clone(),
+            config.args.node_name.clone(),
+        ));
+    }
     let admin = AdminEndpoint::new(Arc::new(dump))
         .with_logging(logging)
         .with_shutdown(move || {
@@ -382,6 +392,28 @@ async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<
         }
     }))
     .await;
+}
+
+/// Forgets (stops renewing, stops reporting) the certificate of every identity no workload on `node` has
+/// any more, as the configuration changes, as Istio's ztunnel drops the certificates of workloads gone
+/// from its node. Runs until the configuration source stops.
+async fn forget_departed_certificates(certs: TrackedCertProvider, state: ProxyState, node: String) {
+    let mut mesh = state.mesh.clone();
+    let mut snapshot = mesh.current();
+    loop {
+        let wanted: std::collections::HashSet<SpiffeId> = snapshot
+            .workloads()
+            .filter(|workload| *workload.node == *node)
+            .filter_map(|workload| workload.identity().ok())
+            .collect();
+        for identity in certs.retain(|identity| wanted.contains(identity)) {
+            tracing::info!(%identity, "workload certificate dropped: no workload on this node has it any more");
+        }
+        match mesh.changed().await {
+            Some(next) => snapshot = next,
+            None => return,
+        }
+    }
 }
 
 /// Waits for SIGTERM, Ctrl-C or `/quitquitquit`, then drains: listeners stop accepting at once, open

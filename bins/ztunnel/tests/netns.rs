@@ -329,6 +329,28 @@ workloads:
             );
         }
 
+        // server-b leaves the configuration: the node proxy stops holding (and renewing) its certificate.
+        let yaml = std::fs::read_to_string(dir.0.join("config/mesh.yaml")).unwrap();
+        let without_b = yaml
+            .split("- uid: ")
+            .filter(|entry| !entry.starts_with("Kubernetes//Pod/default/server-b"))
+            .collect::<Vec<_>>()
+            .join("- uid: ");
+        dir.write_config("mesh.yaml", &without_b);
+        eventually(
+            Duration::from_secs(10),
+            "the departed workload's certificate to be dropped",
+            || {
+                let (_, body) =
+                    http_get(&server, &format!("{SERVER_IP}:15020"), "/metrics").unwrap_or_default();
+                body.contains("\nmeshkit_workload_certificates 1\n")
+                    && !body.contains(
+                        r#"meshkit_workload_certificate_expiry_seconds{identity="spiffe://cluster.local/ns/default/sa/server-b"}"#,
+                    )
+            },
+            logs,
+        );
+
         let logs_before = logs();
         assert!(client_proxy.terminate().success(), "{logs_before}");
         assert!(node_proxy.terminate().success(), "{logs_before}");

@@ -138,6 +138,10 @@ impl CertProvider for CachingCertProvider {
     fn certificate<'a>(&'a self, identity: &'a SpiffeId) -> BoxFuture<'a, Result<CertWatch, Error>> {
         Box::pin(self.fetch(identity))
     }
+
+    fn forget(&self, identity: &SpiffeId) {
+        CachingCertProvider::forget(self, identity);
+    }
 }
 
 impl fmt::Debug for CachingCertProvider {

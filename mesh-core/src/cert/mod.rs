@@ -198,6 +198,15 @@ impl CertWatch {
 pub trait CertProvider: Send + Sync + fmt::Debug {
     /// The certificate watch for `identity`, fetching the first certificate if there is none yet.
     fn certificate<'a>(&'a self, identity: &'a SpiffeId) -> BoxFuture<'a, Result<CertWatch, Error>>;
+
+    /// Stops keeping (and renewing) a certificate for `identity`: no workload the proxy serves has it any
+    /// more. Watches already handed out keep their last certificate; a later [`certificate`] call fetches
+    /// anew. The default keeps nothing per identity, so it has nothing to forget.
+    ///
+    /// [`certificate`]: CertProvider::certificate
+    fn forget(&self, identity: &SpiffeId) {
+        let _ = identity;
+    }
 }
 
 /// A request to a certificate authority: sign this CSR for this identity.

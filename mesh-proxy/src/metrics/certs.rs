@@ -50,6 +50,25 @@ impl TrackedCertProvider {
         }
     }
 
+    /// Forgets every identity `keep` rejects, here and in the wrapped provider (which stops renewing its
+    /// certificate): the proxy no longer serves a workload with it. Returns the identities forgotten.
+    pub fn retain(&self, keep: impl Fn(&SpiffeId) -> bool) -> Vec<SpiffeId> {
+        let gone: Vec<SpiffeId> = match self.tracked.held.lock() {
+            Ok(mut held) => {
+                let gone: Vec<SpiffeId> = held.keys().filter(|id| !keep(id)).cloned().collect();
+                for identity in &gone {
+                    held.remove(identity);
+                }
+                gone
+            }
+            Err(_) => Vec::new(),
+        };
+        for identity in &gone {
+            self.inner.forget(identity);
+        }
+        gone
+    }
+
     /// Requests that failed (the CA refused or could not be reached, no SVID for the identity, ...).
     pub fn failures(&self) -> u64 {
         self.tracked.failures.load(Ordering::Relaxed)
@@ -96,6 +115,13 @@ impl TrackedCertProvider {
 }
 
 impl CertProvider for TrackedCertProvider {
+    fn forget(&self, identity: &SpiffeId) {
+        if let Ok(mut held) = self.tracked.held.lock() {
+            held.remove(identity);
+        }
+        self.inner.forget(identity);
+    }
+
     fn certificate<'a>(
         &'a self,
         identity: &'a SpiffeId,
@@ -175,5 +201,12 @@ mod tests {
             .unwrap_or_else(|| panic!("no expiry sample:\n{after}"));
         let seconds: f64 = expiry.rsplit(' ').next().unwrap().parse().unwrap();
         assert!((500.0..=600.0).contains(&seconds), "{expiry}");
+
+        // The workload left: its identity is forgotten and no longer reported.
+        assert_eq!(certs.retain(|id| *id != known), vec![known.clone()]);
+        assert!(certs.held().is_empty());
+        let gone = metrics.encode();
+        assert!(gone.contains("meshkit_workload_certificates 0\n"), "{gone}");
+        assert!(!gone.contains("sa/app"), "{gone}");
     }
 }
