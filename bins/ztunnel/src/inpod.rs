@@ -35,6 +35,50 @@ use mesh_proxy::telemetry::Observers;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
+/// The identities of the pods being served, counted: their certificates must be kept and renewed
+/// whatever the configuration says about the pods' nodes (a pod's workload may be found on another node
+/// when none is on this one).
+#[derive(Debug, Default)]
+pub(crate) struct ServedIdentities(std::sync::Mutex<std::collections::HashMap<SpiffeId, usize>>);
+
+impl ServedIdentities {
+    /// Whether a served pod has `identity`.
+    pub(crate) fn contains(&self, identity: &SpiffeId) -> bool {
+        self.0.lock().is_ok_and(|served| served.contains_key(identity))
+    }
+
+    /// Counts `identity` as served until the returned guard is dropped.
+    fn pin(self: &Arc<Self>, identity: SpiffeId) -> ServedIdentity {
+        if let Ok(mut served) = self.0.lock() {
+            *served.entry(identity.clone()).or_default() += 1;
+        }
+        ServedIdentity {
+            set: self.clone(),
+            identity,
+        }
+    }
+}
+
+/// One served pod's hold on its identity (see [`ServedIdentities`]).
+#[derive(Debug)]
+struct ServedIdentity {
+    set: Arc<ServedIdentities>,
+    identity: SpiffeId,
+}
+
+impl Drop for ServedIdentity {
+    fn drop(&mut self) {
+        if let Ok(mut served) = self.set.0.lock()
+            && let Some(count) = served.get_mut(&self.identity)
+        {
+            *count -= 1;
+            if *count == 0 {
+                served.remove(&self.identity);
+            }
+        }
+    }
+}
+
 /// What every pod's pipelines share.
 #[derive(Debug, Clone)]
 pub(crate) struct PodContext {
@@ -49,6 +93,8 @@ pub(crate) struct PodContext {
     /// `ENABLE_ORIG_SRC`: `Some(true)` required, `Some(false)` off, `None` wherever the pod's inbound
     /// listeners can be made transparent.
     pub original_source: Option<bool>,
+    /// The identities of the pods served, whose certificates are kept.
+    pub served: Arc<ServedIdentities>,
 }
 
 /// The ZDS client and the pod manager that serves each pod, ready to run.
@@ -88,6 +134,8 @@ struct PodPipelines {
     outbound: Outbound,
     hbone: HboneAcceptor<Inbound>,
     plaintext: InboundPlaintext,
+    /// Keeps the pod's certificate while anything serves the pod.
+    _identity: ServedIdentity,
 }
 
 /// Where a pod's connections find its pipelines: `None` until they are built. The sender goes away as
@@ -244,6 +292,8 @@ async fn build_pipelines(
         return Ok(None);
     };
     let identity = workload.identity()?;
+    // Held before the certificate is fetched, so that it cannot be forgotten in between.
+    let served = context.served.pin(identity.clone());
     let Some(cert) = fetch_certificate(context, &identity, drain).await else {
         return Ok(None);
     };
@@ -290,6 +340,7 @@ async fn build_pipelines(
         outbound,
         hbone,
         plaintext,
+        _identity: served,
     }))
 }
 

@@ -94,11 +94,13 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             let tracked = tracked_certs.clone();
             move || tracked.held()
         });
+    let served = Arc::new(crate::inpod::ServedIdentities::default());
     if config.mode == ProxyMode::Shared {
         tokio::spawn(forget_departed_certificates(
             tracked_certs,
             state.clone(),
             config.args.node_name.clone(),
+            served.clone(),
         ));
     }
     let admin = AdminEndpoint::new(Arc::new(dump))
@@ -135,6 +137,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
             tracker: tracker.clone(),
             local_node: Some(config.args.node_name.as_str().into()),
             original_source: config.args.enable_original_source,
+            served,
         };
         mesh_proxy::inpod::verify_capabilities(Some(sys::PROXY_MARK))?;
         if config.args.enable_socks5 {
@@ -395,9 +398,15 @@ async fn prefetch_node_certificates(state: &ProxyState, node: &str, certs: &Arc<
 }
 
 /// Forgets (stops renewing, stops reporting) the certificate of every identity no workload on `node` has
-/// any more, as the configuration changes, as Istio's ztunnel drops the certificates of workloads gone
-/// from its node. Runs until the configuration source stops.
-async fn forget_departed_certificates(certs: TrackedCertProvider, state: ProxyState, node: String) {
+/// any more and no pod served in in-pod mode has (`served`), as the configuration changes, as Istio's
+/// ztunnel drops the certificates of workloads gone from its node. Runs until the configuration source
+/// stops.
+async fn forget_departed_certificates(
+    certs: TrackedCertProvider,
+    state: ProxyState,
+    node: String,
+    served: Arc<crate::inpod::ServedIdentities>,
+) {
     let mut mesh = state.mesh.clone();
     let mut snapshot = mesh.current();
     loop {
@@ -406,7 +415,7 @@ async fn forget_departed_certificates(certs: TrackedCertProvider, state: ProxySt
             .filter(|workload| *workload.node == *node)
             .filter_map(|workload| workload.identity().ok())
             .collect();
-        for identity in certs.retain(|identity| wanted.contains(identity)) {
+        for identity in certs.retain(|identity| wanted.contains(identity) || served.contains(identity)) {
             tracing::info!(%identity, "workload certificate dropped: no workload on this node has it any more");
         }
         match mesh.changed().await {
