@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{
-    APP_PORT, CLIENT_IP, ControlPlane, OpenConnection, Options, SERVER_IP, TempDir, TwoNodes, Ztunnel,
+    APP_PORT, App, CLIENT_IP, ControlPlane, OpenConnection, Options, SERVER_IP, TempDir, TwoNodes, Ztunnel,
     echo_app, eventually, has_metric, line_exchange, metrics, pod, round_trip, round_trip_to, serve,
     wait_ready,
 };
@@ -333,66 +333,14 @@ fn a_gibibyte_over_64_connections_arrives_intact() {
 fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
     isolated(|| {
         const CLIENT_B_IP: &str = "10.10.0.3";
-        let node = Netns::create("node").expect("network namespaces are required for this test");
-        for ip in [SERVER_IP, CLIENT_B_IP] {
-            node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
-                .unwrap();
-        }
-        let dir = TempDir::new();
-        dir.write_config(
-            "pods.yaml",
-            &format!(
-                "{}{}",
-                pod("client", "default", CLIENT_B_IP, "node-a"),
-                pod("server", "default", SERVER_IP, "node-a")
-            ),
-        );
-        let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
-        let control_plane = ControlPlane::start(
-            &node,
-            dir.path(),
-            StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
-        );
-        let _app = echo_app(&node, SERVER_IP, APP_PORT);
-        // The client workload's traffic (by its source address) goes to the node proxy; the proxy's own
-        // connections, marked or from the server's address, do not.
-        node.iptables(&[
-            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-        ])
-        .unwrap();
-        node.iptables(&[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-s",
-            CLIENT_B_IP,
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &APP_PORT.to_string(),
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ])
-        .unwrap();
-        let proxy = Ztunnel::start(
-            &node,
-            dir.path(),
-            "node",
-            "node-token",
-            &[
-                ("PROXY_MODE", "shared".to_owned()),
-                ("NODE_NAME", "node-a".to_owned()),
-                // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
-                ("INPOD_ENABLED", "false".to_owned()),
-            ],
-        );
+        let SharedNode {
+            node,
+            dir: _dir,
+            control_plane,
+            _app,
+            proxy,
+        } = SharedNode::start(&[("client", CLIENT_B_IP)], &[]);
         let logs = || proxy.log();
-        wait_ready(&[(&node, SERVER_IP)], logs);
 
         // The client application binds its workload's address, as a pod's socket would have it.
         let reply = exchange_from(&node, CLIENT_B_IP, "local").unwrap_or_else(|e| panic!("{e}\n{}", logs()));
@@ -437,75 +385,49 @@ fn two_workloads_on_one_node_still_talk_through_hbone_with_mutual_tls() {
     });
 }
 
-/// One line from the application at `source` (an address of `node`, which the socket binds as a pod's
-/// socket would have it) to the echo app at [`SERVER_IP`]:[`APP_PORT`]: the reply, or why not.
-fn exchange_from(node: &Netns, source: &str, message: &str) -> Result<String, String> {
-    let local = SocketAddrV4::new(source.parse().unwrap(), 0);
-    let message = message.to_owned();
-    node.run(move || -> Result<String, String> {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-            .map_err(|e| e.to_string())?;
-        socket.bind(&local.into()).map_err(|e| e.to_string())?;
-        let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
-        socket
-            .connect_timeout(&server.into(), Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
-        line_exchange(socket.into(), &message)
-    })
-    .unwrap()
+/// One namespace as a node: the server workload and client workloads, each an address of the node's
+/// loopback, served by a shared node proxy without istio-cni (INPOD_ENABLED=false), the control plane and
+/// the echo app on [`SERVER_IP`]. Each client's traffic to the app (by its source address) is captured
+/// into 15001; the proxy's own connections (marked) are not. Fields drop in order.
+struct SharedNode {
+    node: Netns,
+    dir: TempDir,
+    control_plane: ControlPlane,
+    _app: App,
+    proxy: Ztunnel,
 }
 
-/// A shared node proxy without istio-cni serves two client workloads. Their HBONE connections leave from
-/// each workload's own address (original source), so the destination's DENY by one client's IP block
-/// refuses that client only (from the node's address it would match neither and fail open), and the
-/// destination's metrics name each source workload by its address.
-#[test]
-fn a_shared_node_proxy_keeps_each_clients_address_for_the_destinations_ip_policy() {
-    isolated(|| {
-        const CLIENT_A_IP: &str = "10.10.0.3";
-        const CLIENT_B_IP: &str = "10.10.0.4";
+impl SharedNode {
+    /// `clients` are `(workload name, address)`; `config` extra files for the control plane.
+    fn start(clients: &[(&str, &str)], config: &[(&str, String)]) -> SharedNode {
         let node = Netns::create("node").expect("network namespaces are required for this test");
-        for ip in [SERVER_IP, CLIENT_A_IP, CLIENT_B_IP] {
+        for ip in std::iter::once(SERVER_IP).chain(clients.iter().map(|(_, ip)| *ip)) {
             node.ip(&["addr", "add", &format!("{ip}/32"), "dev", "lo"])
                 .unwrap();
         }
         let dir = TempDir::new();
-        dir.write_config(
-            "pods.yaml",
-            &format!(
-                "{}{}{}",
-                pod("client-a", "default", CLIENT_A_IP, "node-a"),
-                pod("client-b", "default", CLIENT_B_IP, "node-a"),
-                pod("server", "default", SERVER_IP, "node-a")
-            ),
-        );
-        dir.write_config(
-            "policy.yaml",
-            &format!(
-                r#"
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {{name: deny-b, namespace: default}}
-spec:
-  action: DENY
-  rules:
-  - from: [{{source: {{ipBlocks: ["{CLIENT_B_IP}/32"]}}}}]
-"#
-            ),
-        );
+        let pods: String = clients
+            .iter()
+            .map(|(name, ip)| pod(name, "default", ip, "node-a"))
+            .chain(std::iter::once(pod("server", "default", SERVER_IP, "node-a")))
+            .collect();
+        dir.write_config("pods.yaml", &pods);
+        for (name, text) in config {
+            dir.write_config(name, text);
+        }
         let ztunnel_id = SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap();
         let control_plane = ControlPlane::start(
             &node,
             dir.path(),
             StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
         );
-        let _app = echo_app(&node, SERVER_IP, APP_PORT);
+        let app = echo_app(&node, SERVER_IP, APP_PORT);
         node.iptables(&[
             "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
         ])
         .unwrap();
-        for client in [CLIENT_A_IP, CLIENT_B_IP] {
-            let port = APP_PORT.to_string();
+        let port = APP_PORT.to_string();
+        for (_, client) in clients {
             node.iptables(&[
                 "-t",
                 "nat",
@@ -534,11 +456,70 @@ spec:
             &[
                 ("PROXY_MODE", "shared".to_owned()),
                 ("NODE_NAME", "node-a".to_owned()),
+                // No istio-cni here: the proxy serves the node's workloads from the node's own namespace.
                 ("INPOD_ENABLED", "false".to_owned()),
             ],
         );
+        wait_ready(&[(&node, SERVER_IP)], || proxy.log());
+        SharedNode {
+            node,
+            dir,
+            control_plane,
+            _app: app,
+            proxy,
+        }
+    }
+}
+
+/// One line from the application at `source` (an address of `node`, which the socket binds as a pod's
+/// socket would have it) to the echo app at [`SERVER_IP`]:[`APP_PORT`]: the reply, or why not.
+fn exchange_from(node: &Netns, source: &str, message: &str) -> Result<String, String> {
+    let local = SocketAddrV4::new(source.parse().unwrap(), 0);
+    let message = message.to_owned();
+    node.run(move || -> Result<String, String> {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .map_err(|e| e.to_string())?;
+        socket.bind(&local.into()).map_err(|e| e.to_string())?;
+        let server = SocketAddrV4::new(SERVER_IP.parse::<Ipv4Addr>().unwrap(), APP_PORT);
+        socket
+            .connect_timeout(&server.into(), Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        line_exchange(socket.into(), &message)
+    })
+    .unwrap()
+}
+
+/// A shared node proxy without istio-cni serves two client workloads. Their HBONE connections leave from
+/// each workload's own address (original source), so the destination's DENY by one client's IP block
+/// refuses that client only (from the node's address it would match neither and fail open), and the
+/// destination's metrics name each source workload by its address.
+#[test]
+fn a_shared_node_proxy_keeps_each_clients_address_for_the_destinations_ip_policy() {
+    isolated(|| {
+        const CLIENT_A_IP: &str = "10.10.0.3";
+        const CLIENT_B_IP: &str = "10.10.0.4";
+        let deny_b = format!(
+            r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-b, namespace: default}}
+spec:
+  action: DENY
+  rules:
+  - from: [{{source: {{ipBlocks: ["{CLIENT_B_IP}/32"]}}}}]
+"#
+        );
+        let SharedNode {
+            node,
+            dir: _dir,
+            control_plane,
+            _app,
+            proxy,
+        } = SharedNode::start(
+            &[("client-a", CLIENT_A_IP), ("client-b", CLIENT_B_IP)],
+            &[("policy.yaml", deny_b)],
+        );
         let logs = || proxy.log();
-        wait_ready(&[(&node, SERVER_IP)], logs);
 
         let allowed = exchange_from(&node, CLIENT_A_IP, "from a");
         assert!(allowed.is_ok(), "client-a was refused: {allowed:?}\n{}", logs());
