@@ -22,8 +22,7 @@ use mesh_core::{CertProvider, CertWatch, SpiffeId, TrustDomain, sys, tls};
 use mesh_hbone::{HboneAcceptor, HboneConfig, HboneConnector, SocketFactory};
 use mesh_proxy::conntrack::ConnectionTracker;
 use mesh_proxy::inbound::{
-    ConnectFuture, Inbound, InboundConfig, InboundPlaintext, PlaintextConnection, ServedWorkloads,
-    UpstreamConnector, UpstreamHint,
+    ConnectFuture, Inbound, InboundConfig, InboundPlaintext, ServedWorkloads, UpstreamConnector, UpstreamHint,
 };
 use mesh_proxy::inpod::{
     InPodNetns, ListenerPodManager, PodListenerConfig, PodStart, WorkloadInfo, ZdsClient, ZdsConfig,
@@ -230,18 +229,9 @@ async fn serve_pod(
             move |stream: TcpStream, peer: SocketAddr| {
                 let ready = ready.clone();
                 async move {
-                    let connection = match PlaintextConnection::accepted(stream, peer) {
-                        Ok(connection) => connection,
-                        Err(error) => {
-                            tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
-                            return;
-                        }
-                    };
-                    let Some(pipelines) = pipelines(ready).await else {
-                        return not_ready("inbound plaintext", peer);
-                    };
-                    if let Err(error) = pipelines.plaintext.serve_connection(connection).await {
-                        tracing::debug!(%peer, %error, "inbound plaintext connection ended");
+                    match pipelines(ready).await {
+                        Some(pipelines) => pipelines.plaintext.handle(stream, peer).await,
+                        None => not_ready("inbound plaintext", peer),
                     }
                 }
             }

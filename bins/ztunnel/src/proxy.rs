@@ -21,7 +21,7 @@ use mesh_proxy::admin::{
     ReadyToken, StateDump, bind_admin,
 };
 use mesh_proxy::conntrack::ConnectionTracker;
-use mesh_proxy::inbound::{Inbound, InboundConfig, PlaintextConnection, ServedWorkloads};
+use mesh_proxy::inbound::{Inbound, InboundConfig, ServedWorkloads};
 use mesh_proxy::listener::{ConnectionHandler, ListenerConfig, serve_tcp};
 use mesh_proxy::metrics::{Metrics, TrackedCertProvider};
 use mesh_proxy::outbound::{CaptureMode, Outbound, OutboundConfig, SourceLookup};
@@ -299,26 +299,7 @@ pub(crate) async fn run(config: Config, logging: Arc<dyn LogControl>) -> Result<
         ..ListenerConfig::default()
     };
     let plaintext_listener = bind_capture(SocketAddr::new(any, INBOUND_PLAINTEXT_PORT))?;
-    spawn_serve(
-        plaintext_listener,
-        move |stream: TcpStream, peer: SocketAddr| {
-            let plaintext = plaintext.clone();
-            async move {
-                let connection = match PlaintextConnection::accepted(stream, peer) {
-                    Ok(connection) => connection,
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
-                        return;
-                    }
-                };
-                if let Err(error) = plaintext.serve_connection(connection).await {
-                    tracing::debug!(%peer, %error, "inbound plaintext connection ended");
-                }
-            }
-        },
-        &listener_config,
-        drain.clone(),
-    );
+    spawn_serve(plaintext_listener, plaintext, &listener_config, drain.clone());
 
     // Outbound (15001) and SOCKS5 (15080).
     let outbound = Outbound::new(

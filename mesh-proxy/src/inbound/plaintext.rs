@@ -26,6 +26,24 @@ pub struct PlaintextConnection {
     pub original_dst: SocketAddr,
 }
 
+/// The 15006 port's handler: the original destination read as [`PlaintextConnection::accepted`] does,
+/// then [`InboundPlaintext::serve_connection`]; failures are logged at debug (a refused plaintext
+/// connection is simply closed, and the access log already has it).
+impl crate::listener::ConnectionHandler for InboundPlaintext {
+    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+        let connection = match PlaintextConnection::accepted(stream, peer) {
+            Ok(connection) => connection,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "inbound plaintext: no original destination");
+                return;
+            }
+        };
+        if let Err(error) = self.serve_connection(connection).await {
+            tracing::debug!(%peer, %error, "inbound plaintext connection ended");
+        }
+    }
+}
+
 impl PlaintextConnection {
     /// A connection the listener accepted from `peer_addr`, with its original destination as Istio's
     /// ztunnel reads it: `SO_ORIGINAL_DST` (a `REDIRECT`ed connection, or a tracked `TPROXY` one, which
