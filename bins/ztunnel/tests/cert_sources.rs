@@ -99,18 +99,9 @@ fn config_dump(node: &Netns, proxy: &Proxy) -> String {
     }
 }
 
+/// A GET (see [`request`]).
 fn get(addr: &str, path: &str) -> Option<String> {
-    let addr: SocketAddr = addr.parse().ok()?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
+    request("GET", addr, path)
 }
 
 fn ca() -> DevCa {
