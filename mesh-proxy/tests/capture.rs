@@ -2,7 +2,9 @@
 //! behind a node, the node's mangle rule handing the pod's TCP to the outbound listener unchanged (no
 //! NAT), and a server on another link. The proxy must read the original destination from the accepted
 //! socket and reach it itself (the server sees the node's address, not the pod's, so the connection was
-//! proxied, not forwarded), and must refuse a destination on its own ports, which would loop.
+//! proxied, not forwarded), and must refuse a destination on its own ports, which would loop; both in
+//! TPROXY mode and in the node proxy's Auto mode. The inbound plaintext side reads the same original
+//! destination from such a connection.
 //! (`REDIRECT` capture is covered end to end by the ztunnel suites.)
 //!
 //! Each test runs in a sandbox of its own (`mesh_test::netns::isolated`), so it needs no root; it needs
@@ -16,10 +18,10 @@ use std::time::Duration;
 
 use mesh_core::cert::StaticCertProvider;
 use mesh_core::model::{MeshSnapshot, Workload};
-use mesh_core::sys;
 use mesh_hbone::{HboneConfig, HboneConnector};
 use mesh_policy::L4PolicySet;
-use mesh_proxy::listener::{ListenerConfig, serve_tcp};
+use mesh_proxy::inbound::PlaintextConnection;
+use mesh_proxy::listener::{ListenerConfig, bind_capture_listener, serve_tcp};
 use mesh_proxy::outbound::{CaptureMode, Outbound, OutboundConfig, SourceLookup};
 use mesh_proxy::state::ProxyState;
 use mesh_proxy::telemetry::Observers;
@@ -119,9 +121,22 @@ fn echo_server(server: &Netns) -> std::thread::JoinHandle<Result<(), netns::Netn
     })
 }
 
-/// The outbound proxy with TPROXY capture, listening on the node with `IP_TRANSPARENT`, serving until
+/// The capture listener on the node's 15001, bound by `bind_capture_listener`, which must have made it
+/// transparent (the sandbox grants `CAP_NET_ADMIN` over its namespaces), or TPROXY could not use it.
+fn capture_listener() -> tokio::net::TcpListener {
+    let (listener, transparent) =
+        bind_capture_listener(SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT))).unwrap();
+    assert!(transparent, "IP_TRANSPARENT needs CAP_NET_ADMIN in the namespace");
+    listener
+}
+
+/// The outbound proxy with capture `mode`, listening on the node with `IP_TRANSPARENT`, serving until
 /// `stop` fires. Runs on a thread inside the node's namespace, so its upstream sockets are the node's.
-fn outbound_proxy(node: &Netns, stop: tokio::sync::oneshot::Receiver<()>) -> std::thread::JoinHandle<()> {
+fn outbound_proxy(
+    node: &Netns,
+    mode: CaptureMode,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
     let pod = Workload {
         addresses: vec![POD_IP.parse().unwrap()],
         service_account: "client".into(),
@@ -133,7 +148,7 @@ fn outbound_proxy(node: &Netns, stop: tokio::sync::oneshot::Receiver<()>) -> std
     let outbound = Outbound::new(
         OutboundConfig {
             source: SourceLookup::PeerIp { network: "".into() },
-            capture: CaptureMode::Tproxy,
+            capture: mode,
             connect_timeout: STEP,
             ..OutboundConfig::default()
         },
@@ -149,16 +164,7 @@ fn outbound_proxy(node: &Netns, stop: tokio::sync::oneshot::Receiver<()>) -> std
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let socket =
-                    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-                sys::set_transparent(&socket).expect("IP_TRANSPARENT needs CAP_NET_ADMIN in the namespace");
-                socket.set_reuse_address(true).unwrap();
-                socket
-                    .bind(&SocketAddr::from(([0, 0, 0, 0], OUTBOUND_PORT)).into())
-                    .unwrap();
-                socket.listen(128).unwrap();
-                socket.set_nonblocking(true).unwrap();
-                let listener = tokio::net::TcpListener::from_std(socket.into()).unwrap();
+                let listener = capture_listener();
                 let (trigger, drain) = mesh_core::drain::channel();
                 ready_tx.send(()).unwrap();
                 let serving = tokio::spawn(async move {
@@ -200,17 +206,59 @@ fn tproxy_captured_connections_reach_their_original_destination_through_the_prox
     isolated(|| {
         let net = topology();
         let server = echo_server(&net.server);
-        let (stop, stopped) = tokio::sync::oneshot::channel();
-        let proxy = outbound_proxy(&net.node, stopped);
-
-        let reply = exchange_from_pod(&net.pod, SocketAddr::new(SERVER_IP.parse().unwrap(), SERVER_PORT));
-        // The server saw the node's address: the proxy made the connection (a forwarded packet would
-        // have kept the pod's source), to the destination the pod asked for.
-        assert_eq!(reply, Ok(format!("hello from {NODE_SERVER_SIDE}")));
-
-        let _ = stop.send(());
-        proxy.join().unwrap();
+        // TPROXY's own mode, and Auto (the node proxy's: REDIRECT or TPROXY, whichever the rules use).
+        for mode in [CaptureMode::Tproxy, CaptureMode::Auto] {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            let proxy = outbound_proxy(&net.node, mode, stopped);
+            let reply = exchange_from_pod(&net.pod, SocketAddr::new(SERVER_IP.parse().unwrap(), SERVER_PORT));
+            // The server saw the node's address: the proxy made the connection (a forwarded packet
+            // would have kept the pod's source), to the destination the pod asked for.
+            assert_eq!(reply, Ok(format!("hello from {NODE_SERVER_SIDE}")), "{mode:?}");
+            let _ = stop.send(());
+            proxy.join().unwrap();
+        }
         drop(server);
+    });
+}
+
+/// The inbound plaintext side (15006) reads a TPROXY'd connection's original destination the same way:
+/// `PlaintextConnection::accepted` gives the address the pod asked for, and the pod as the peer.
+#[test]
+fn a_tproxy_plaintext_connection_knows_its_original_destination() {
+    isolated(|| {
+        let net = topology();
+        let (accepted_tx, accepted_rx) = std::sync::mpsc::channel();
+        let node_side = net
+            .node
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let listener = capture_listener();
+                    let accepted = tokio::time::timeout(STEP, listener.accept()).await;
+                    let result = match accepted {
+                        Ok(Ok((stream, peer))) => PlaintextConnection::accepted(stream, peer)
+                            .map(|c| (c.peer_addr, c.original_dst))
+                            .map_err(|e| e.to_string()),
+                        Ok(Err(error)) => Err(error.to_string()),
+                        Err(_) => Err("nothing was captured".to_owned()),
+                    };
+                    let _ = accepted_tx.send(result);
+                });
+            })
+            .unwrap();
+        // The pod connects; nothing answers it, which does not matter here.
+        let target = SocketAddr::new(SERVER_IP.parse().unwrap(), SERVER_PORT);
+        let _client = net
+            .pod
+            .run(move || TcpStream::connect_timeout(&target, STEP))
+            .unwrap();
+        let (peer, original) = accepted_rx.recv_timeout(STEP * 2).unwrap().unwrap();
+        assert_eq!(original, target);
+        assert_eq!(peer.ip().to_string(), POD_IP);
+        node_side.join().unwrap().unwrap();
     });
 }
 
@@ -219,7 +267,7 @@ fn a_tproxy_destination_on_the_proxys_own_ports_is_refused() {
     isolated(|| {
         let net = topology();
         let (stop, stopped) = tokio::sync::oneshot::channel();
-        let proxy = outbound_proxy(&net.node, stopped);
+        let proxy = outbound_proxy(&net.node, CaptureMode::Auto, stopped);
         // Captured like any other connection, its original destination is the outbound port itself:
         // proxying it would connect the proxy to itself, so it is closed.
         let reply = exchange_from_pod(
