@@ -422,10 +422,7 @@ impl SharedNode {
             StaticTokens::new().with("node-token", Caller::new(ztunnel_id).on_node("node-a")),
         );
         let app = echo_app(&node, SERVER_IP, APP_PORT);
-        node.iptables(&[
-            "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
-        ])
-        .unwrap();
+        common::exempt_proxy_traffic(&node);
         let port = APP_PORT.to_string();
         for (_, client) in clients {
             node.iptables(&[

@@ -535,13 +535,19 @@ pub fn echo_app(node: &Netns, ip: &str, port: u16) -> App {
     })
 }
 
-/// Redirects the application traffic of `node` to `destinations` (a CIDR) on [`CAPTURED_PORTS`] into
-/// ztunnel's 15001, leaving ztunnel's own (marked) sockets alone, as Istio's dedicated-mode redirect does.
-pub fn capture(node: &Netns, destinations: &str) {
+/// Leaves ztunnel's own connections (marked 0x539) out of every nat OUTPUT rule that follows, as Istio's
+/// capture rules do.
+pub fn exempt_proxy_traffic(node: &Netns) {
     node.iptables(&[
         "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "0x539", "-j", "RETURN",
     ])
     .unwrap();
+}
+
+/// Redirects the application traffic of `node` to `destinations` (a CIDR) on [`CAPTURED_PORTS`] into
+/// ztunnel's 15001, leaving ztunnel's own (marked) sockets alone, as Istio's dedicated-mode redirect does.
+pub fn capture(node: &Netns, destinations: &str) {
+    exempt_proxy_traffic(node);
     node.iptables(&[
         "-t",
         "nat",
