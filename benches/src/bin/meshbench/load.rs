@@ -53,6 +53,8 @@ pub(crate) enum Kind {
 pub(crate) struct Load {
     /// Its name in the table and the JSON.
     pub(crate) name: &'static str,
+    /// Its short name on the command line (`--only`).
+    pub(crate) key: &'static str,
     /// What runs.
     pub(crate) kind: Kind,
 }
@@ -62,10 +64,12 @@ pub(crate) struct Load {
 pub(crate) const LOADS: [Load; 5] = [
     Load {
         name: "iperf3, 1 stream",
+        key: "iperf3",
         kind: Kind::Iperf,
     },
     Load {
         name: "wrk keep-alive, 1 conn",
+        key: "wrk1",
         kind: Kind::Wrk {
             connections: 1,
             threads: 1,
@@ -74,6 +78,7 @@ pub(crate) const LOADS: [Load; 5] = [
     },
     Load {
         name: "wrk keep-alive, 64 conns",
+        key: "wrk64",
         kind: Kind::Wrk {
             connections: 64,
             threads: 2,
@@ -82,6 +87,7 @@ pub(crate) const LOADS: [Load; 5] = [
     },
     Load {
         name: "wrk Connection: close, 16",
+        key: "close",
         kind: Kind::Wrk {
             connections: 16,
             threads: 2,
@@ -90,6 +96,7 @@ pub(crate) const LOADS: [Load; 5] = [
     },
     Load {
         name: "fixed rate 1,000 req/s, 4 conns",
+        key: "fixed",
         kind: Kind::FixedRate {
             rate_per_second: 1000,
             connections: 4,
@@ -248,7 +255,7 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
     tokio::time::sleep(SETTLE).await;
 
     let mut loads = Vec::with_capacity(LOADS.len());
-    for load in LOADS {
+    for load in LOADS.into_iter().filter(|load| args.runs(load)) {
         topology.set_capture(DataPath::Direct)?;
         let direct = measure(topology, tools, &load, args.duration, DataPath::Direct).await?;
         topology.set_capture(DataPath::Relay)?;

@@ -114,10 +114,13 @@ pub(crate) struct Args {
     /// Extra environment for both proxies (`--proxy-env NAME=VALUE`), for experiments such as
     /// `ZTUNNEL_WORKER_THREADS=1`.
     pub(crate) proxy_env: Vec<(String, String)>,
+    /// The loads to run, by key (`--only iperf3,wrk1`); all of them when empty.
+    pub(crate) only: Vec<&'static str>,
 }
 
 const USAGE: &str = "\
-usage: meshbench [--quick] [--json FILE] [--plot FILE.svg] [--ztunnel PATH] [--proxy-env NAME=VALUE]...
+usage: meshbench [--quick] [--only LOAD,...] [--json FILE] [--plot FILE.svg] [--ztunnel PATH]
+                 [--proxy-env NAME=VALUE]...
 
 Measures our ztunnel end to end in two network namespaces against the same path
 without it (direct) and through a plain relay pair (relay: plaintext, no HTTP/2,
@@ -127,6 +130,9 @@ they are missing; builds the proxy with
 `cargo build --release -p ztunnel` unless --ztunnel names a binary.
 
   --quick         3-second loads instead of 10
+  --only LOAD,... run only these loads (iperf3, wrk1, wrk64, close, fixed),
+                  for quick comparisons of one figure; the idle memory
+                  measurements always run
   --json FILE     also write the results as JSON to FILE
   --plot FILE.svg also write the fixed-rate load's latency by percentile,
                   direct, relay and mesh, as an SVG chart to FILE.svg
@@ -136,6 +142,11 @@ they are missing; builds the proxy with
                   e.g. ZTUNNEL_WORKER_THREADS=1";
 
 impl Args {
+    /// Whether `load` is one this run measures.
+    pub(crate) fn runs(&self, load: &load::Load) -> bool {
+        self.only.is_empty() || self.only.contains(&load.key)
+    }
+
     fn parse(mut args: impl Iterator<Item = String>) -> std::result::Result<Args, String> {
         let mut parsed = Args {
             duration: Duration::from_secs(10),
@@ -144,6 +155,7 @@ impl Args {
             plot: None,
             ztunnel: None,
             proxy_env: Vec::new(),
+            only: Vec::new(),
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -181,9 +193,28 @@ impl Args {
                         .ok_or_else(|| format!("--proxy-env needs NAME=VALUE, not {pair:?}"))?;
                     parsed.proxy_env.push((name.to_owned(), value.to_owned()));
                 }
+                "--only" => {
+                    let list = args.next().ok_or("--only needs a list of loads")?;
+                    for wanted in list.split(',').filter(|key| !key.is_empty()) {
+                        let load = load::LOADS
+                            .iter()
+                            .find(|load| load.key == wanted)
+                            .ok_or_else(|| {
+                                let known: Vec<&str> = load::LOADS.iter().map(|load| load.key).collect();
+                                format!("--only: no load {wanted:?} (the loads are {})", known.join(", "))
+                            })?;
+                        parsed.only.push(load.key);
+                    }
+                    if parsed.only.is_empty() {
+                        return Err("--only needs a list of loads".into());
+                    }
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument {other:?}")),
             }
+        }
+        if parsed.plot.is_some() && !parsed.only.is_empty() && !parsed.only.contains(&"fixed") {
+            return Err("--plot charts the fixed-rate load: add fixed to --only".into());
         }
         Ok(parsed)
     }
@@ -326,6 +357,26 @@ mod tests {
         assert!(parse(&["--json"]).unwrap_err().contains("--json"));
         assert!(parse(&["--fast"]).unwrap_err().contains("--fast"));
         assert_eq!(parse(&["--help"]).unwrap_err(), "");
+    }
+
+    #[test]
+    fn only_picks_loads_by_key_and_refuses_unknown_ones() {
+        let all = parse(&[]).unwrap();
+        assert!(load::LOADS.iter().all(|load| all.runs(load)));
+        let some = parse(&["--only", "iperf3,wrk1"]).unwrap();
+        let run: Vec<&str> = load::LOADS
+            .iter()
+            .filter(|l| some.runs(l))
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(run, ["iperf3", "wrk1"]);
+        let error = parse(&["--only", "iperf"]).unwrap_err();
+        assert!(error.contains("\"iperf\"") && error.contains("wrk64"), "{error}");
+        assert!(parse(&["--only", ","]).unwrap_err().contains("--only"));
+        assert!(parse(&["--only"]).unwrap_err().contains("--only"));
+        let error = parse(&["--only", "wrk1", "--plot", "a.svg"]).unwrap_err();
+        assert!(error.contains("fixed"), "{error}");
+        assert!(parse(&["--only", "fixed", "--plot", "a.svg"]).is_ok());
     }
 
     #[test]

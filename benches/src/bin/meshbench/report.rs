@@ -121,6 +121,9 @@ impl Report {
         if args.quick {
             command.push_str(" --quick");
         }
+        if !args.only.is_empty() {
+            let _ = write!(command, " --only {}", args.only.join(","));
+        }
         if let Some(json) = &args.json {
             let _ = write!(command, " --json {}", json.display());
         }
@@ -766,6 +769,7 @@ mod tests {
             plot: None,
             ztunnel: None,
             proxy_env: Vec::new(),
+            only: Vec::new(),
         };
         let machine = Machine {
             cores: 2,
