@@ -224,6 +224,7 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
     tokio::time::sleep(SETTLE).await;
     let idle = sample_all(topology)?;
     let idle_kib = [idle[0].rss_kib, idle[1].rss_kib];
+    callgrind_dump(topology, tools, "start-up, one request, idle");
     let relay_idle_kib = [idle[2].rss_kib, idle[3].rss_kib];
     println!(
         "meshbench: idle RSS: client proxy {} KiB, server proxy {} KiB; client relay {} KiB, server relay {} KiB",
@@ -243,6 +244,7 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
     tokio::time::sleep(SETTLE).await;
     let open = sample_all(topology)?;
     drop(streams);
+    callgrind_dump(topology, tools, "idle connections");
     let idle_connections = IdleConnections {
         count: IDLE_CONNECTIONS,
         before_kib: idle_kib,
@@ -269,6 +271,7 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
             mesh,
         };
         println!("meshbench: {}: {}", load.name, result.summary());
+        callgrind_dump(topology, tools, load.name);
         loads.push(result);
     }
     Ok(Results {
@@ -279,6 +282,26 @@ pub(crate) async fn run_all(topology: &mut Topology, tools: &Tools, args: &Args)
         load_average_after: setup::load_average(),
         hbone_connections_total: topology.hbone_connections()?,
     })
+}
+
+/// With `--callgrind`: has callgrind write what each proxy ran during the phase that just ended (see
+/// `layout`). A failed dump is reported and the run goes on: later dumps still hold those functions.
+fn callgrind_dump(topology: &Topology, tools: &Tools, phase: &str) {
+    if tools.callgrind.is_none() {
+        return;
+    }
+    for proxy in [&topology.client_proxy, &topology.server_proxy] {
+        match crate::layout::dump(proxy.pid()) {
+            Ok(()) => println!(
+                "meshbench: callgrind dump of the {} proxy after: {phase}",
+                proxy.name
+            ),
+            Err(why) => eprintln!(
+                "meshbench: no callgrind dump of the {} proxy after {phase}: {why}",
+                proxy.name
+            ),
+        }
+    }
 }
 
 impl LoadResult {

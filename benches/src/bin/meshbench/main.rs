@@ -44,11 +44,17 @@
 //! `wrk` is a closed-loop generator: its latencies are the ones a saturated client sees. The fixed-rate
 //! load's are those of a steady, moderate request rate, which is what most services see.
 //!
+//! `--only iperf3,wrk1,...` runs a subset of the loads, for quick comparisons of one figure.
+//! `--callgrind DIR` runs both proxies under callgrind and `meshbench symbol-order DIR` lists the functions
+//! they ran, which is how `bins/ztunnel/symbol-order.txt` (the release binary's code layout) is made
+//! (`layout`); every report says how much of that list the measured binary still has.
+//!
 //! Results and how to read them: `docs/performance.md`, section "End to end (meshbench)".
 #![forbid(unsafe_code)]
 
 mod fixedrate;
 mod http;
+mod layout;
 mod load;
 mod plot;
 mod procfs;
@@ -116,11 +122,14 @@ pub(crate) struct Args {
     pub(crate) proxy_env: Vec<(String, String)>,
     /// The loads to run, by key (`--only iperf3,wrk1`); all of them when empty.
     pub(crate) only: Vec<&'static str>,
+    /// Run both proxies under callgrind, writing a dump per phase to this directory (see `layout`).
+    pub(crate) callgrind: Option<PathBuf>,
 }
 
 const USAGE: &str = "\
 usage: meshbench [--quick] [--only LOAD,...] [--json FILE] [--plot FILE.svg] [--ztunnel PATH]
-                 [--proxy-env NAME=VALUE]...
+                 [--proxy-env NAME=VALUE]... [--callgrind DIR]
+       meshbench symbol-order DIR
 
 Measures our ztunnel end to end in two network namespaces against the same path
 without it (direct) and through a plain relay pair (relay: plaintext, no HTTP/2,
@@ -139,7 +148,14 @@ they are missing; builds the proxy with
   --ztunnel PATH  use this ztunnel binary instead of building one
   --proxy-env NAME=VALUE
                   also set NAME=VALUE in both proxies' environment (repeatable),
-                  e.g. ZTUNNEL_WORKER_THREADS=1";
+                  e.g. ZTUNNEL_WORKER_THREADS=1
+  --callgrind DIR run both proxies under valgrind's callgrind and dump what
+                  they ran after each phase into DIR (their CPU and memory
+                  figures are then callgrind's, not the proxies')
+
+`meshbench symbol-order DIR` prints, from those dumps, the functions of ztunnel
+that ran, for bins/ztunnel/symbol-order.txt (bins/ztunnel/update-symbol-order.sh
+does both steps).";
 
 impl Args {
     /// Whether `load` is one this run measures.
@@ -156,6 +172,7 @@ impl Args {
             ztunnel: None,
             proxy_env: Vec::new(),
             only: Vec::new(),
+            callgrind: None,
         };
         while let Some(arg) = args.next() {
             match arg.as_str() {
@@ -209,6 +226,10 @@ impl Args {
                         return Err("--only needs a list of loads".into());
                     }
                 }
+                "--callgrind" => {
+                    let dir = args.next().ok_or("--callgrind needs a directory")?;
+                    parsed.callgrind = Some(PathBuf::from(dir));
+                }
                 "-h" | "--help" => return Err(String::new()),
                 other => return Err(format!("unknown argument {other:?}")),
             }
@@ -225,6 +246,19 @@ fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     if let Some(code) = relay::main_if_relay(&raw) {
         return code;
+    }
+    if raw.first().map(String::as_str) == Some("symbol-order") {
+        let [_, dir] = raw.as_slice() else {
+            eprintln!("meshbench: usage: meshbench symbol-order DIR");
+            return ExitCode::from(2);
+        };
+        return match layout::print_symbol_order(std::path::Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("meshbench: {why}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let args = match Args::parse(raw.into_iter()) {
         Ok(args) => args,

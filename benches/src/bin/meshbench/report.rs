@@ -133,6 +133,9 @@ impl Report {
         if let Some(ztunnel) = &args.ztunnel {
             let _ = write!(command, " --ztunnel {}", ztunnel.display());
         }
+        if let Some(dir) = &args.callgrind {
+            let _ = write!(command, " --callgrind {}", dir.display());
+        }
         let date = std::process::Command::new("date")
             .args(["-u", "+%Y-%m-%d %H:%M UTC"])
             .output()
@@ -298,6 +301,7 @@ impl Report {
             self.tools.clk_tck,
             self.tools.clk_tck_source
         );
+        let _ = writeln!(out, "- Code layout: {}", self.tools.code_layout);
         let _ = writeln!(out);
         let _ = writeln!(
             out,
@@ -616,6 +620,7 @@ impl Report {
                 "iperf3": self.tools.iperf3_version,
                 "clk_tck": self.tools.clk_tck,
                 "clk_tck_source": self.tools.clk_tck_source,
+                "code_layout": self.tools.code_layout,
             },
             "seconds_per_load": self.seconds,
             "idle_rss_kib": { "client_proxy": self.results.idle_kib[0], "server_proxy": self.results.idle_kib[1] },
@@ -770,6 +775,7 @@ mod tests {
             ztunnel: None,
             proxy_env: Vec::new(),
             only: Vec::new(),
+            callgrind: None,
         };
         let machine = Machine {
             cores: 2,
@@ -784,6 +790,8 @@ mod tests {
             wrk_version: "wrk 4.1.0".into(),
             iperf3_version: "iperf 3.12".into(),
             proxy_env: Vec::new(),
+            callgrind: None,
+            code_layout: "2246 of the 2246 functions".into(),
         };
         let results = Results {
             idle_kib: [5_000, 6_000],

@@ -65,6 +65,10 @@ pub(crate) struct Tools {
     pub(crate) iperf3_version: String,
     /// Extra environment for both proxies (`--proxy-env`).
     pub(crate) proxy_env: Vec<(String, String)>,
+    /// Where callgrind writes its dumps, when the proxies run under it (`--callgrind DIR`).
+    pub(crate) callgrind: Option<PathBuf>,
+    /// Whether the proxy binary is laid out by `bins/ztunnel/symbol-order.txt` (see `layout`).
+    pub(crate) code_layout: String,
 }
 
 /// The Debian packages of the load generators, by the command each provides.
@@ -79,6 +83,16 @@ pub(crate) fn prepare(args: &Args) -> Result<Tools> {
         ));
     }
     install_missing()?;
+    if let Some(dir) = &args.callgrind {
+        for program in ["valgrind", "callgrind_control"] {
+            if find_program(program).is_none() {
+                return Err(Error::Setup(format!(
+                    "--callgrind needs `{program}` on the PATH (apt-get install valgrind)"
+                )));
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io(format!("creating {}", dir.display()), e))?;
+    }
     let ztunnel = match &args.ztunnel {
         Some(path) if path.is_file() => path.clone(),
         Some(path) => {
@@ -90,13 +104,17 @@ pub(crate) fn prepare(args: &Args) -> Result<Tools> {
         None => build_ztunnel()?,
     };
     let (clk_tck, clk_tck_source) = clock_ticks();
+    let code_layout = crate::layout::describe_layout(&ztunnel);
+    println!("meshbench: code layout: {code_layout}");
     Ok(Tools {
+        code_layout,
         ztunnel,
         clk_tck,
         clk_tck_source,
         wrk_version: first_line(Command::new("wrk").arg("-v")),
         iperf3_version: first_line(Command::new("iperf3").arg("--version")),
         proxy_env: args.proxy_env.clone(),
+        callgrind: args.callgrind.clone(),
     })
 }
 

@@ -166,7 +166,14 @@ impl Proxy {
         let log = dir.join(format!("ztunnel-{name}.log"));
         let log_file =
             std::fs::File::create(&log).map_err(|e| Error::Io(format!("creating {}", log.display()), e))?;
-        let mut command = node.command(&ztunnel.to_string_lossy());
+        let mut command = match &tools.callgrind {
+            Some(dir) => {
+                let mut under_valgrind = node.command("valgrind");
+                under_valgrind.args(crate::layout::valgrind_args(dir, name, ztunnel));
+                under_valgrind
+            }
+            None => node.command(&ztunnel.to_string_lossy()),
+        };
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -539,8 +546,11 @@ impl Topology {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        self.client_proxy.check_is(&tools.ztunnel)?;
-        self.server_proxy.check_is(&tools.ztunnel)?;
+        // Under callgrind the process is valgrind's (and so are its /proc figures, which the report says).
+        if tools.callgrind.is_none() {
+            self.client_proxy.check_is(&tools.ztunnel)?;
+            self.server_proxy.check_is(&tools.ztunnel)?;
+        }
         // The first request through the mesh also fetches the certificates and opens the HBONE
         // connection; a few retries cover a proxy that is ready but still applying its first push.
         let before = self.mesh_connections()?;
