@@ -155,7 +155,38 @@ async fn both_sides_see_each_others_identity() {
     );
     assert_eq!(client.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     assert_eq!(server.get_ref().1.server_name(), None);
+    // Our clients ask for AES-128-GCM first (see tls::crypto_provider).
     let suite = client.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+    assert_eq!(suite, rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+}
+
+#[tokio::test]
+async fn a_client_preferring_aes_256_as_istios_ztunnel_does_gets_it_from_our_server() {
+    let pki = Pki::new("cluster.local");
+    let verifier = Arc::new(ServerCertVerifier::new(
+        pki.watch("trust", "anchor"),
+        vec![pki.id("default", "server")],
+    ));
+    let istio_like = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        ],
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    let (chain, key) = pki.raw_now(&["spiffe://cluster.local/ns/default/sa/client"]);
+    let mut client_cfg = ClientConfig::builder_with_provider(Arc::new(istio_like))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let out = handshake(Arc::new(client_cfg), pki.server_config("default", "server")).await;
+    let server = out.server.unwrap();
+    assert!(out.client.is_ok());
+    let suite = server.get_ref().1.negotiated_cipher_suite().unwrap().suite();
     assert_eq!(suite, rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
 }
 
