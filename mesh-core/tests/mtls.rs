@@ -53,11 +53,21 @@ type RawCert = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// A client that presents an arbitrary (possibly invalid) certificate but verifies the server properly.
 fn raw_client(trust: &Pki, expected: SpiffeId, presented: Option<RawCert>) -> Arc<ClientConfig> {
+    raw_client_with(tls::crypto_provider(), trust, expected, presented)
+}
+
+/// [`raw_client`] with another crypto provider (another client's cipher suite preferences).
+fn raw_client_with(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    trust: &Pki,
+    expected: SpiffeId,
+    presented: Option<RawCert>,
+) -> Arc<ClientConfig> {
     let verifier = Arc::new(ServerCertVerifier::new(
         trust.watch("trust", "anchor"),
         vec![expected],
     ));
-    let builder = ClientConfig::builder_with_provider(tls::crypto_provider())
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
@@ -163,10 +173,6 @@ async fn both_sides_see_each_others_identity() {
 #[tokio::test]
 async fn a_client_preferring_aes_256_as_istios_ztunnel_does_gets_it_from_our_server() {
     let pki = Pki::new("cluster.local");
-    let verifier = Arc::new(ServerCertVerifier::new(
-        pki.watch("trust", "anchor"),
-        vec![pki.id("default", "server")],
-    ));
     let istio_like = rustls::crypto::CryptoProvider {
         cipher_suites: vec![
             rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
@@ -174,16 +180,14 @@ async fn a_client_preferring_aes_256_as_istios_ztunnel_does_gets_it_from_our_ser
         ],
         ..rustls::crypto::aws_lc_rs::default_provider()
     };
-    let (chain, key) = pki.raw_now(&["spiffe://cluster.local/ns/default/sa/client"]);
-    let mut client_cfg = ClientConfig::builder_with_provider(Arc::new(istio_like))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    client_cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let out = handshake(Arc::new(client_cfg), pki.server_config("default", "server")).await;
+    let presented = pki.raw_now(&["spiffe://cluster.local/ns/default/sa/client"]);
+    let client_cfg = raw_client_with(
+        Arc::new(istio_like),
+        &pki,
+        pki.id("default", "server"),
+        Some(presented),
+    );
+    let out = handshake(client_cfg, pki.server_config("default", "server")).await;
     let server = out.server.unwrap();
     assert!(out.client.is_ok());
     let suite = server.get_ref().1.negotiated_cipher_suite().unwrap().suite();
